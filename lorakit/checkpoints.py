@@ -1,0 +1,220 @@
+"""The output folder: final LoRA, resumable ``checkpoint-N/`` folders, run config, model card.
+
+A checkpoint holds everything needed to continue bit-for-bit: the LoRA weights (fp32,
+safetensors), optimizer and LR-scheduler state (``torch.load(weights_only=True)``, never
+plain unpickling), the RNG states and the step. Each checkpoint also carries a
+``pytorch_lora_weights.safetensors`` usable on its own. Checkpoints are written to a
+temporary folder and renamed, so an interrupted save never becomes the "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+log = logging.getLogger("lorakit")
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RUN_CONFIG = "lorakit_config.json"
+STATE_FILE = "training_state.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: Config fields that must match for a resume to continue the same run.
+RESUME_MUST_MATCH = (
+    "arch",
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "train_text_encoder",
+    "batch_size",
+    "gradient_accumulation",
+    "seed",
+    "resolution",
+    "mixed_precision",
+    "init_lora_weights",
+)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _earlier_run_artifacts(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    names = [output_dir / WEIGHT_NAME, output_dir / RUN_CONFIG, output_dir / "samples"]
+    card = output_dir / "README.md"
+    if card.is_file() and "trained with lorakit" in card.read_text(errors="replace"):
+        names.append(card)
+    return [p for p in names if p.exists()] + list_checkpoints(output_dir)
+
+
+def prepare_output_dir(output_dir: Path, config) -> Path | None:
+    """Create the output folder; return the checkpoint to resume from, if any.
+
+    An output folder holding an earlier run is refused unless ``--resume`` (continue it)
+    or ``--overwrite`` (replace lorakit's own files in it; nothing else is touched).
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LorakitError(f"--output {output_dir} is a file; pass a folder.")
+    resume = config.resume
+    if resume:
+        if resume == "latest":
+            found = list_checkpoints(output_dir)
+            if found:
+                return found[-1]
+            if _earlier_run_artifacts(output_dir):
+                raise LorakitError(
+                    f"--resume latest: {output_dir} holds a finished or checkpoint-less run; "
+                    "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."
+                )
+            log.info("--resume latest: no checkpoint in %s yet, starting from step 0", output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            return None
+        path = Path(resume).expanduser()
+        if not (path / STATE_FILE).is_file():
+            raise LorakitError(f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'.")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return path
+    earlier = _earlier_run_artifacts(output_dir)
+    if earlier:
+        if not config.overwrite:
+            raise LorakitError(
+                f"--output {output_dir} holds an earlier run ({earlier[0].name}); pass --resume latest to "
+                "continue it, --overwrite to replace it, or choose another --output."
+            )
+        for p in earlier:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log.info("--overwrite: removed the earlier run's files from %s", output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def write_run_config(output_dir: Path, config) -> None:
+    (output_dir / RUN_CONFIG).write_text(config.to_json())
+
+
+def write_lora(trainer, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer.pm.hook.save_lora(
+        components=trainer.components, lora_layers=trainer.lora_layers(), output_dir=folder, weight_name=WEIGHT_NAME
+    )
+    path = folder / WEIGHT_NAME
+    if not path.is_file():
+        raise RuntimeError(f"arch plugin '{trainer.config.arch}' save_lora did not write {path}")
+    return path
+
+
+def _fingerprint(config) -> dict:
+    data = config.to_dict()
+    return {k: data.get(k) for k in RESUME_MUST_MATCH}
+
+
+def save(trainer, output_dir: Path, step: int, limit: int | None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_lora(trainer, tmp)
+    params = {}
+    for name in trainer.lora_configs:
+        for pname, p in trainer.components[name].named_parameters():
+            if "lora_" in pname:
+                params[f"{name}/{pname}"] = p.detach().to("cpu").contiguous()
+    save_file(params, str(tmp / "lora_params.safetensors"))
+    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"generator": trainer.generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / "rng_state.safetensors"))
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    state = {
+        "global_step": step,
+        "config": _fingerprint(trainer.config),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if limit:
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old)
+            log.info("removed %s (--checkpoints-limit %d)", old.name, limit)
+    return final
+
+
+def load(path: Path, trainer) -> dict:
+    """Restore a checkpoint into a set-up trainer; refuse one from a different run."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    saved, now = state.get("config", {}), _fingerprint(trainer.config)
+    different = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != now[k]]
+    if different:
+        details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in different)
+        raise LorakitError(f"--resume {path} comes from a different run ({details}); use the same settings or --overwrite.")
+    params = load_file(str(path / "lora_params.safetensors"))
+    for name in trainer.lora_configs:
+        module = trainer.components[name]
+        named = dict(module.named_parameters())
+        for pname, p in named.items():
+            if "lora_" in pname:
+                key = f"{name}/{pname}"
+                if key not in params:
+                    raise LorakitError(f"--resume {path} lacks LoRA weight {key}; it belongs to another setup.")
+                with torch.no_grad():
+                    p.copy_(params[key].to(p.device, p.dtype))
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+    rng = load_file(str(path / "rng_state.safetensors"))
+    trainer.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def write_model_card(output_dir: Path, config, info, steps: int) -> None:
+    targets = ", ".join(config.target_modules) if config.target_modules else "arch defaults"
+    text = f"""---
+library_name: diffusers
+tags: [lora, text-to-image, lorakit]
+---
+# LoRA trained with lorakit
+
+- arch: `{config.arch}` ({info.description})
+- base model: `{config.model}`
+- rank {config.rank}, alpha {config.lora_alpha:g}, targets: {targets}
+- text-encoder LoRA: {"yes" if config.train_text_encoder else "no"}
+- steps: {steps}, batch size {config.batch_size} x accumulation {config.gradient_accumulation}, lr {config.learning_rate:g}
+
+Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Load it with
+`lorakit generate --arch {config.arch} --model {config.model} --lora {WEIGHT_NAME} --prompt "..."`
+or, where the pipeline supports it, `pipeline.load_lora_weights(folder, weight_name="{WEIGHT_NAME}")`.
+"""
+    (output_dir / "README.md").write_text(text)

@@ -1,0 +1,126 @@
+"""Resolving ``--model`` (hub id or local folder) to a local diffusers-format folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+HUB_TIMEOUT_S = 30
+
+
+def read_model_index(path: Path) -> dict:
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"{index} is not valid JSON ({exc.msg}); re-download the model.") from None
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder for ``model``: the folder itself, or a hub snapshot (cached or downloaded).
+
+    Hub ids take the same path as local folders after download. Without network the
+    hub is not retried for minutes: an offline cache miss fails at once with the fix.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LorakitError(f"--model {model} is a file; pass a diffusers model folder or a hub id.")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise LorakitError(f"--model {model} does not exist; pass a local diffusers model folder or a hub id.")
+    return _snapshot(model)
+
+
+def _snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise LorakitError("loading a hub id needs huggingface_hub; pip install huggingface_hub.") from None
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*/*", "*/*.json", "*/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise LorakitError(
+            f"--model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it first or pass a local folder."
+        )
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HUB_TIMEOUT_S))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(HUB_TIMEOUT_S))
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(snapshot_download, repo_id, allow_patterns=patterns)
+    try:
+        # A reachable hub answers the first request in seconds; a closed network retries for minutes.
+        return Path(future.result(timeout=None if _hub_reachable() else 0))
+    except concurrent.futures.TimeoutError:
+        raise LorakitError(
+            f"cannot reach the Hugging Face Hub to fetch --model {repo_id}; check the network "
+            "or pass a local diffusers model folder."
+        ) from None
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"--model {repo_id} could not be downloaded: {first}") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    import concurrent.futures
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+
+    def probe():
+        with socket.create_connection((endpoint, 443), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(probe).result(timeout=timeout)
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_model_matches(path: Path, arch: str, pm, other_archs) -> dict:
+    """Refuse a folder the arch does not recognise, naming the arch it belongs to if any.
+
+    ``other_archs`` is an iterable of ``(arch_id, plugin_manager_factory)`` for suggestions.
+    """
+    index = read_model_index(path)
+    if pm.hook.recognizes_model.get_hookimpls() and pm.hook.recognizes_model(model_index=index):
+        return index
+    if not pm.hook.recognizes_model.get_hookimpls():
+        return index
+    if not index and not any(path.iterdir()):
+        raise LorakitError(f"--model {path} is an empty folder; pass a diffusers model folder.")
+    found = index.get("_class_name") or "no model_index.json"
+    for other_id, make_pm in other_archs:
+        if other_id == arch:
+            continue
+        try:
+            if make_pm().hook.recognizes_model(model_index=index):
+                raise LorakitError(
+                    f"--model {path} is a {found} model, which --arch {arch} cannot train; "
+                    f"use --arch {other_id}."
+                )
+        except LorakitError:
+            raise
+        except Exception:
+            continue
+    info = pm.hook.arch_info()
+    expected = getattr(info, "pipeline_class", "") or "a model of this arch"
+    raise LorakitError(
+        f"--model {path} is not a diffusers model that --arch {arch} can train ({found}; expected "
+        f"{expected}); pass a diffusers-format folder or hub id."
+    )

@@ -1,0 +1,115 @@
+"""Training progress for people: a rich bar on a terminal, plain log lines otherwise.
+
+The loop calls ``start / update / note / finish``; only the main process gets a
+progress object. The loss shown is an exponential moving average (raw per-step loss
+of diffusion training is too noisy to read).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class _Smoother:
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.value, self.n = beta, None, 0
+
+    def add(self, x: float) -> float:
+        self.n += 1
+        self.value = x if self.value is None else self.beta * self.value + (1 - self.beta) * x
+        return self.value
+
+
+class PlainProgress:
+    """One log line every ``every`` steps (and at the end): for CI logs and pipes."""
+
+    def __init__(self, stream=None, every: int | None = None):
+        self.stream = stream or sys.stdout
+        self.every = every
+        self.smooth = _Smoother()
+
+    def start(self, total: int, completed: int = 0):
+        self.total, self.first, self.t0 = total, completed, time.perf_counter()
+        self.every = self.every or max(1, total // 20)
+
+    def update(self, step: int, loss: float, lr: float, metrics: dict | None = None):
+        smoothed = self.smooth.add(loss)
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        extra = "".join(f" {k}={v:.4f}" for k, v in (metrics or {}).items())
+        print(
+            f"step {step}/{self.total} loss={smoothed:.4f} lr={lr:.2e}{extra} {rate:.2f} it/s eta {eta:.0f}s",
+            file=self.stream,
+            flush=True,
+        )
+
+    def note(self, text: str):
+        print(text, file=self.stream, flush=True)
+
+    def finish(self):
+        pass
+
+
+class RichProgress:
+    """A rich progress bar with loss, lr, it/s and ETA; refreshes a few times a second."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.smooth = _Smoother()
+
+    def start(self, total: int, completed: int = 0):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[extra]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            refresh_per_second=4,
+        )
+        self.progress.start()
+        self.first, self.t0 = completed, time.perf_counter()
+        self.task = self.progress.add_task(
+            "train", total=total, completed=completed, loss="-", lr="-", extra="", rate=""
+        )
+
+    def update(self, step: int, loss: float, lr: float, metrics: dict | None = None):
+        smoothed = self.smooth.add(loss)
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+        extra = "".join(f"  {k} {v:.4f}" for k, v in (metrics or {}).items())
+        self.progress.update(
+            self.task, completed=step, loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", extra=extra, rate=f"{rate:.2f} it/s"
+        )
+
+    def note(self, text: str):
+        target = getattr(self, "progress", None)
+        (target.console if target else self.console).print(text)
+
+    def finish(self):
+        self.progress.stop()
+
+
+def make_progress():
+    """Rich on an interactive terminal, plain lines otherwise."""
+    if sys.stdout.isatty():
+        return RichProgress()
+    return PlainProgress()

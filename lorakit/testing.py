@@ -1,0 +1,109 @@
+"""Test helpers for plugin authors, loaded as a pytest plugin (``pytest11`` entry point).
+
+Fixtures:
+
+* ``lorakit_tiny_model(arch)`` -> folder of a tiny model written by the arch's
+  ``write_tiny_model`` hook (one per arch per test session).
+* ``lorakit_image_folder`` -> a fresh copy of lorakit's bundled captioned images.
+
+Functions:
+
+* :func:`tiny_config` -- a TrainConfig sized for tiny models (fast on CPU).
+* :func:`lora_deltas` -- every LoRA layer's effective weight delta, for comparing a
+  trained component with one a pipeline loaded from file.
+
+Nothing here imports torch until a fixture or function is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def example_data(name: str = "shapes") -> Path:
+    """Path of a bundled example dataset (read-only; copy before modifying)."""
+    return EXAMPLES / name
+
+
+def tiny_config(arch: str, model, data, output, **overrides):
+    """A TrainConfig for a quick run on a tiny model."""
+    from lorakit.config import TrainConfig
+
+    values = dict(
+        arch=arch,
+        model=str(model),
+        data=str(data) if data is not None else None,
+        output=str(output),
+        resolution=32,
+        max_steps=4,
+        learning_rate=1e-3,
+        rank=4,
+        seed=0,
+        num_threads=2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def lora_deltas(module) -> dict:
+    """``{layer name: scale * B @ A}`` for every LoRA layer of ``module`` (all adapters summed)."""
+    import torch
+
+    out = {}
+    for name, layer in module.named_modules():
+        if not hasattr(layer, "lora_A") or len(getattr(layer, "lora_A")) == 0:
+            continue
+        total = None
+        for adapter in layer.lora_A:
+            a = layer.lora_A[adapter].weight.detach().float()
+            b = layer.lora_B[adapter].weight.detach().float()
+            delta = (b.flatten(1) @ a.flatten(1)) * layer.scaling[adapter]
+            total = delta if total is None else total + delta
+        out[name.replace("base_model.model.", "")] = total.cpu()
+    return out
+
+
+def assert_same_lora(trained, loaded, atol: float = 1e-6) -> None:
+    """Every LoRA layer of ``trained`` is present in ``loaded`` with the same delta."""
+    import torch
+
+    a, b = lora_deltas(trained), lora_deltas(loaded)
+    missing = sorted(set(a) - set(b))
+    assert not missing, f"{len(missing)} trained LoRA layers missing after load, e.g. {missing[:3]}"
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol), f"LoRA delta differs at {name}"
+
+
+@pytest.fixture(scope="session")
+def _lorakit_tiny_models(tmp_path_factory):
+    return {}
+
+
+@pytest.fixture
+def lorakit_tiny_model(_lorakit_tiny_models, tmp_path_factory):
+    """Factory: ``lorakit_tiny_model("sd15")`` -> Path of a tiny model (cached per session)."""
+
+    def make(arch: str, seed: int = 0) -> Path:
+        key = (arch, seed)
+        if key not in _lorakit_tiny_models:
+            from lorakit.tiny import make_tiny_model
+
+            path = tmp_path_factory.mktemp(f"tiny-{arch}") / "model"
+            make_tiny_model(arch, path, seed=seed)
+            _lorakit_tiny_models[key] = path
+        return _lorakit_tiny_models[key]
+
+    return make
+
+
+@pytest.fixture
+def lorakit_image_folder(tmp_path) -> Path:
+    """A writable copy of the bundled captioned images (metadata.jsonl layout)."""
+    target = tmp_path / "images"
+    shutil.copytree(example_data(), target)
+    return target

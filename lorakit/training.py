@@ -1,0 +1,432 @@
+"""The shared training loop. It knows no architecture: every model-specific step is a hook.
+
+One optimizer step = ``gradient_accumulation`` micro-batches of ``batch_size`` examples
+per process. The order of examples, their augmentation and every random draw are pure
+functions of (seed, epoch, step), so a run resumed from ``checkpoint-N`` continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit import checkpoints
+from lorakit.config import TrainConfig, validate
+from lorakit.data import augment_for, caption_dropped, prepare_image
+from lorakit.errors import LorakitError
+
+log = logging.getLogger("lorakit")
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CACHE_CHUNK = 8
+MAX_BAD_STEPS = 5
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    weights: Path
+    global_step: int
+    losses: list = field(default_factory=list)
+
+
+class Trainer:
+    """Set up a run from a :class:`TrainConfig`, then :meth:`run` it.
+
+    ``setup`` loads everything (models, data, LoRA, optimizer, caches, checkpoint);
+    ``run`` trains to ``max_steps``. Tests use the pieces in between, e.g.
+    :meth:`eval_loss`.
+    """
+
+    def __init__(self, config: TrainConfig, progress=None):
+        self.config = validate(config)
+        self.progress = progress
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        import torch
+        from accelerate import Accelerator
+
+        from lorakit import lora
+        from lorakit.models import check_model_matches, resolve_model
+        from lorakit.plugins import arch_entries, get_plugin_manager, require_hooks
+
+        config = self.config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.output_dir = Path(config.output).expanduser()
+        resume_from = checkpoints.prepare_output_dir(self.output_dir, config)
+
+        pm = get_plugin_manager(config.arch, config.modes)
+        require_hooks(pm, config.arch)
+        self.pm = pm
+        self.info = pm.hook.arch_info()
+
+        accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            raise LorakitError("--mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.")
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+        if config.train_text_encoder:
+            if not self.info.text_encoders:
+                raise LorakitError(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
+            lora.check_text_encoder_lora_support()
+
+        model_path = resolve_model(config.model)
+        others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
+        check_model_matches(model_path, config.arch, pm, others)
+        self.model_path = model_path
+        components = pm.hook.load_components(
+            model_path=model_path, config=config, device=self.device, weight_dtype=self.weight_dtype
+        )
+        for value in components.values():
+            if isinstance(value, torch.nn.Module):
+                value.requires_grad_(False)
+        self.components = components
+        self.resolution = int(
+            config.resolution or components.get("default_resolution") or self.info.default_resolution
+        )
+
+        self.dataset = pm.hook.build_dataset(config=config, components=components, pm=pm)
+
+        targets = pm.hook.target_modules(config=config, components=components)
+        torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
+        self.lora_configs = lora.inject_lora(components, targets, config)
+        self.trained_text_encoders = [n for n in self.lora_configs if n in self.info.text_encoders]
+        if config.gradient_checkpointing:
+            for name in self.lora_configs:
+                _enable_gradient_checkpointing(components[name])
+        for name in self.lora_configs:
+            components[name].train()
+
+        groups = []
+        for name in self.lora_configs:
+            params = lora.lora_parameters(components[name])
+            lr = config.learning_rate
+            if name in self.trained_text_encoders and config.text_encoder_lr:
+                lr = config.text_encoder_lr
+            groups.append({"params": params, "lr": lr, "name": name})
+        self.params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(
+            groups,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        self.optimizer = accelerator.prepare_optimizer(optimizer)
+
+        self.generator = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
+        self.global_step = 0
+        self.image_cache: dict = {}
+        self.prompt_cache: dict = {}
+        self.cache_images = config.cache and config.center_crop
+        self.cache_prompts = config.cache and not self.trained_text_encoders
+        if resume_from is not None:
+            state = checkpoints.load(resume_from, self)
+            self.global_step = state["global_step"]
+            self._say(f"resumed from {resume_from} at step {self.global_step}")
+        self._fill_caches()
+        if accelerator.is_main_process:
+            checkpoints.write_run_config(self.output_dir, config)
+        return self
+
+    # ------------------------------------------------------------------ data
+    def _world(self):
+        return self.accelerator.num_processes, self.accelerator.process_index
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of example indices for ``epoch``."""
+        import torch
+
+        world, rank = self._world()
+        bs = self.config.batch_size
+        global_batch = bs * world
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        while len(order) < global_batch:
+            order = order + order
+        batches = []
+        for b in range(len(order) // global_batch):
+            chunk = order[b * global_batch : (b + 1) * global_batch]
+            batches.append(chunk[rank * bs : (rank + 1) * bs])
+        return batches
+
+    def micro_batches(self, start_micro: int):
+        """Endless stream of ``(epoch, indices)`` from micro-batch number ``start_micro`` on."""
+        per_epoch = self.batches_per_epoch()
+        epoch, offset = divmod(start_micro, per_epoch)
+        while True:
+            for indices in self.epoch_batches(epoch)[offset:]:
+                yield epoch, indices
+            epoch, offset = epoch + 1, 0
+
+    def _augment(self, epoch, sample):
+        c = self.config
+        return augment_for(c.seed, epoch, sample.key, c.random_flip, not c.center_crop)
+
+    def _fill_caches(self):
+        """Encode every image (both flips if flipping) and caption once, in a fixed order."""
+        import torch
+
+        samples = self.dataset.samples()
+        if self.cache_images:
+            flips = (False, True) if self.config.random_flip else (False,)
+            todo = [(s, f) for s in samples for f in flips]
+            self._progress_note(f"caching {len(todo)} image encodings")
+            for i in range(0, len(todo), CACHE_CHUNK):
+                chunk = todo[i : i + CACHE_CHUNK]
+                from lorakit.data import Augment
+
+                prepared = [prepare_image(s.open(), self.resolution, Augment(flip=f)) for s, f in chunk]
+                encoded = self._encode_images(prepared)
+                for j, (s, f) in enumerate(chunk):
+                    self.image_cache[(s.key, f)] = {k: v[j].to("cpu") for k, v in encoded.items()}
+        if self.cache_prompts:
+            captions = sorted({s.caption for s in samples} | ({""} if self.config.caption_dropout else set()))
+            for i in range(0, len(captions), CACHE_CHUNK):
+                chunk = captions[i : i + CACHE_CHUNK]
+                with torch.no_grad():
+                    encoded = self.pm.hook.encode_prompt(components=self.components, captions=chunk)
+                for j, caption in enumerate(chunk):
+                    self.prompt_cache[caption] = {k: v[j].detach().to("cpu") for k, v in encoded.items()}
+
+    def _meta(self, prepared):
+        import torch
+
+        res = self.resolution
+        return {
+            "original_size": torch.tensor([p[1] for p in prepared], dtype=torch.long, device=self.device),
+            "crop_top_left": torch.tensor([p[2] for p in prepared], dtype=torch.long, device=self.device),
+            "target_size": torch.tensor([(res, res)] * len(prepared), dtype=torch.long, device=self.device),
+        }
+
+    def _encode_images(self, prepared):
+        import torch
+
+        pixels = torch.stack([p[0] for p in prepared]).to(self.device)
+        with torch.no_grad():
+            return self.pm.hook.encode_images(components=self.components, pixel_values=pixels, batch=self._meta(prepared))
+
+    def make_batch(self, epoch: int, indices: list[int]) -> dict:
+        """Assemble one micro-batch: encodings (cached or fresh), captions and metadata."""
+        import torch
+
+        group = self.dataset.group_size
+        samples = [self.dataset.examples[i][pos] for pos in range(group) for i in indices]
+        augments = [self._augment(epoch, s) for s in samples]
+        prepared = None
+        if self.cache_images:
+            encoded = [self.image_cache[(s.key, a.flip)] for s, a in zip(samples, augments)]
+            images = {k: torch.stack([e[k] for e in encoded]).to(self.device) for k in encoded[0]}
+            sizes = [(None, *self._cached_geometry(s, a)) for s, a in zip(samples, augments)]
+            meta = self._meta(sizes)
+        else:
+            prepared = [prepare_image(s.open(), self.resolution, a) for s, a in zip(samples, augments)]
+            images = self._encode_images(prepared)
+            meta = self._meta(prepared)
+        captions = [
+            "" if caption_dropped(self.config.seed, epoch, s.key, self.config.caption_dropout) else s.caption
+            for s in samples
+        ]
+        batch = {**images, **meta, "captions": captions}
+        if self.cache_prompts:
+            cached = [self.prompt_cache[c] for c in captions]
+            batch.update({k: torch.stack([e[k] for e in cached]).to(self.device) for k in cached[0]})
+        for key in sorted({k for s in samples for k in s.extras}):
+            batch[key] = torch.tensor([s.extras.get(key, 0) for s in samples], device=self.device)
+        return batch
+
+    def _cached_geometry(self, sample, augment):
+        if not hasattr(self, "_geometry"):
+            self._geometry = {}
+        if sample.key not in self._geometry:
+            img = sample.open()
+            h, w = img.height, img.width
+            scale = self.resolution / min(w, h)
+            new_w, new_h = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+            top = int(round((new_h - self.resolution) * 0.5))
+            left = int(round((new_w - self.resolution) * 0.5))
+            self._geometry[sample.key] = ((h, w), (top, left), new_w)
+        size, (top, left), new_w = self._geometry[sample.key]
+        if augment.flip:
+            left = new_w - self.resolution - left
+        return size, (top, left)
+
+    # ------------------------------------------------------------------ steps
+    def loss_on(self, batch, generator):
+        """Scalar loss and metrics for one assembled batch (text encoders run here if trained)."""
+        if not self.cache_prompts:
+            batch.update(self.pm.hook.encode_prompt(components=self.components, captions=batch["captions"]))
+        with self.accelerator.autocast():
+            per_sample = self.pm.hook.compute_loss(
+                components=self.components, batch=batch, config=self.config, generator=generator
+            )
+            loss, metrics = self.pm.hook.reduce_loss(per_sample_loss=per_sample, batch=batch, config=self.config)
+        return loss, metrics
+
+    def eval_loss(self, indices=None, seed: int = 1234, repeats: int = 4) -> float:
+        """Denoising loss on fixed examples with fixed noise and timesteps (no update)."""
+        import torch
+
+        indices = list(range(len(self.dataset))) if indices is None else list(indices)
+        generator = torch.Generator().manual_seed(seed)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for _ in range(repeats):
+                for i in range(0, len(indices), max(1, self.config.batch_size)):
+                    batch = self.make_batch(0, indices[i : i + self.config.batch_size])
+                    loss, _ = self.loss_on(batch, generator)
+                    total, n = total + float(loss), n + 1
+        return total / n
+
+    def run(self) -> TrainResult:
+        import torch
+
+        config, accelerator = self.config, self.accelerator
+        accum = config.gradient_accumulation
+        stream = self.micro_batches(self.global_step * accum)
+        bad_steps = 0
+        progress = self.progress
+        if progress is not None and accelerator.is_main_process:
+            progress.start(total=config.max_steps, completed=self.global_step)
+        started = time.perf_counter()
+        while self.global_step < config.max_steps:
+            step_loss, step_metrics = 0.0, {}
+            for _ in range(accum):
+                epoch, indices = next(stream)
+                batch = self.make_batch(epoch, indices)
+                loss, metrics = self.loss_on(batch, self.generator)
+                accelerator.backward(loss / accum)
+                step_loss += float(loss.detach()) / accum
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
+            if accelerator.num_processes > 1:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            finite = math.isfinite(step_loss)
+            if finite or config.mixed_precision == "fp16":
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            self.global_step += 1
+            if not finite:
+                bad_steps += 1
+                log.warning("step %d: loss is %s; update skipped", self.global_step, step_loss)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise LorakitError(
+                        f"loss was not finite for {bad_steps} steps in a row (last at step {self.global_step}); "
+                        "lower --learning-rate, use --mixed-precision bf16 or no, or an fp16-safe VAE."
+                    )
+            else:
+                bad_steps = 0
+            self.losses.append(step_loss)
+            if progress is not None and accelerator.is_main_process:
+                progress.update(
+                    self.global_step, loss=step_loss, lr=self.lr_scheduler.get_last_lr()[0], metrics=step_metrics
+                )
+            if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+            if (
+                config.validation_prompt
+                and config.validation_every
+                and self.global_step % config.validation_every == 0
+                and accelerator.is_main_process
+            ):
+                self.save_samples()
+        if progress is not None and accelerator.is_main_process:
+            progress.finish()
+        weights = self.save_final()
+        log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
+        return TrainResult(self.output_dir, weights, self.global_step, self.losses)
+
+    # ------------------------------------------------------------------ outputs
+    def lora_layers(self) -> dict:
+        from lorakit import lora
+
+        return lora.lora_layers(self.components, self.lora_configs)
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        path = checkpoints.save(self, self.output_dir, self.global_step, self.config.checkpoints_limit)
+        self._say(f"saved {path}")
+        return path
+
+    def save_final(self) -> Path:
+        self.accelerator.wait_for_everyone()
+        target = self.output_dir / WEIGHT_NAME
+        if self.accelerator.is_main_process:
+            checkpoints.write_lora(self, self.output_dir)
+            checkpoints.write_model_card(self.output_dir, self.config, self.info, self.global_step)
+        return target
+
+    def save_samples(self):
+        import torch
+
+        pipeline = self.pm.hook.build_pipeline(components=self.components, config=self.config)
+        if pipeline is None or not self.pm.hook.generate_images.get_hookimpls():
+            return
+        for name in self.lora_configs:
+            self.components[name].eval()
+        generator = torch.Generator().manual_seed(self.config.seed)
+        images = self.pm.hook.generate_images(
+            pipeline=pipeline,
+            prompts=[self.config.validation_prompt],
+            generator=generator,
+            num_inference_steps=25,
+            resolution=self.resolution,
+            guidance_scale=None,
+        )
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"step-{self.global_step:06d}-{i}.png")
+        for name in self.lora_configs:
+            self.components[name].train()
+
+    def _say(self, text):
+        if self.accelerator.is_main_process:
+            if self.progress is not None:
+                self.progress.note(text)
+            else:
+                log.info(text)
+
+    def _progress_note(self, text):
+        self._say(text)
+
+
+def _enable_gradient_checkpointing(module):
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable()
+    else:
+        raise LorakitError(f"{type(module).__name__} does not support --gradient-checkpointing; drop the flag.")
+
+
+def train(config: TrainConfig, progress=None) -> TrainResult:
+    """Train a LoRA as ``config`` says and return where it was written."""
+    return Trainer(config, progress=progress).setup().run()
