@@ -28,6 +28,9 @@ class TrainConfig:
     data: str | None = None
     output: str = ""
 
+    # replacement VAE (hub id or folder), e.g. an fp16-safe one; the arch decides its use
+    vae: str | None = None
+
     # data
     caption_column: str | None = None
     image_column: str | None = None
