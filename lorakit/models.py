@@ -108,16 +108,14 @@ def check_model_matches(path: Path, arch: str, pm, other_archs) -> dict:
     for other_id, make_pm in other_archs:
         if other_id == arch:
             continue
-        try:
-            if make_pm().hook.recognizes_model(model_index=index):
-                raise LorakitError(
-                    f"--model {path} is a {found} model, which --arch {arch} cannot train; "
-                    f"use --arch {other_id}."
-                )
-        except LorakitError:
-            raise
+        try:  # a broken or unrelated plugin must not hide the real problem
+            matches = bool(make_pm().hook.recognizes_model(model_index=index))
         except Exception:
             continue
+        if matches:
+            raise LorakitError(
+                f"--model {path} is a {found} model, which --arch {arch} cannot train; use --arch {other_id}."
+            )
     info = pm.hook.arch_info()
     expected = getattr(info, "pipeline_class", "") or "a model of this arch"
     raise LorakitError(

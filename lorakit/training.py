@@ -226,19 +226,18 @@ class Trainer:
         with torch.no_grad():
             return self.pm.hook.encode_images(components=self.components, pixel_values=pixels, batch=self._meta(prepared))
 
-    def make_batch(self, epoch: int, indices: list[int]) -> dict:
+    def make_batch(self, epoch: int, indices: list[int], dataset=None) -> dict:
         """Assemble one micro-batch: encodings (cached or fresh), captions and metadata."""
         import torch
 
-        group = self.dataset.group_size
-        samples = [self.dataset.examples[i][pos] for pos in range(group) for i in indices]
+        dataset = self.dataset if dataset is None else dataset
+        group = dataset.group_size
+        samples = [dataset.examples[i][pos] for pos in range(group) for i in indices]
         augments = [self._augment(epoch, s) for s in samples]
-        prepared = None
-        if self.cache_images:
+        if self.cache_images and all((s.key, a.flip) in self.image_cache for s, a in zip(samples, augments)):
             encoded = [self.image_cache[(s.key, a.flip)] for s, a in zip(samples, augments)]
             images = {k: torch.stack([e[k] for e in encoded]).to(self.device) for k in encoded[0]}
-            sizes = [(None, *self._cached_geometry(s, a)) for s, a in zip(samples, augments)]
-            meta = self._meta(sizes)
+            meta = self._meta([(None, *self._cached_geometry(s, a)) for s, a in zip(samples, augments)])
         else:
             prepared = [prepare_image(s.open(), self.resolution, a) for s, a in zip(samples, augments)]
             images = self._encode_images(prepared)
@@ -249,8 +248,12 @@ class Trainer:
         ]
         batch = {**images, **meta, "captions": captions}
         if self.cache_prompts:
-            cached = [self.prompt_cache[c] for c in captions]
-            batch.update({k: torch.stack([e[k] for e in cached]).to(self.device) for k in cached[0]})
+            if all(c in self.prompt_cache for c in captions):
+                cached = [self.prompt_cache[c] for c in captions]
+                batch.update({k: torch.stack([e[k] for e in cached]).to(self.device) for k in cached[0]})
+            else:
+                with torch.no_grad():
+                    batch.update(self.pm.hook.encode_prompt(components=self.components, captions=captions))
         for key in sorted({k for s in samples for k in s.extras}):
             batch[key] = torch.tensor([s.extras.get(key, 0) for s in samples], device=self.device)
         return batch
@@ -283,19 +286,28 @@ class Trainer:
             loss, metrics = self.pm.hook.reduce_loss(per_sample_loss=per_sample, batch=batch, config=self.config)
         return loss, metrics
 
-    def eval_loss(self, indices=None, seed: int = 1234, repeats: int = 4) -> float:
-        """Denoising loss on fixed examples with fixed noise and timesteps (no update)."""
+    def eval_loss(self, dataset=None, seed: int = 1234, repeats: int = 4) -> float:
+        """Mean denoising loss over ``dataset`` (default: the training set) with fixed noise
+        and timesteps drawn from ``seed``; no update, LoRA dropout off."""
         import torch
 
-        indices = list(range(len(self.dataset))) if indices is None else list(indices)
+        dataset = self.dataset if dataset is None else dataset
+        indices = list(range(len(dataset)))
         generator = torch.Generator().manual_seed(seed)
+        trained = [self.components[n] for n in self.lora_configs]
+        for module in trained:
+            module.eval()
         total, n = 0.0, 0
-        with torch.no_grad():
-            for _ in range(repeats):
-                for i in range(0, len(indices), max(1, self.config.batch_size)):
-                    batch = self.make_batch(0, indices[i : i + self.config.batch_size])
-                    loss, _ = self.loss_on(batch, generator)
-                    total, n = total + float(loss), n + 1
+        try:
+            with torch.no_grad():
+                for _ in range(repeats):
+                    for i in range(0, len(indices), self.config.batch_size):
+                        batch = self.make_batch(0, indices[i : i + self.config.batch_size], dataset)
+                        loss, _ = self.loss_on(batch, generator)
+                        total, n = total + float(loss), n + 1
+        finally:
+            for module in trained:
+                module.train()
         return total / n
 
     def run(self) -> TrainResult:
