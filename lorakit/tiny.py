@@ -83,12 +83,29 @@ def make_tiny_model(arch: str, path, seed: int = 0):
     from lorakit.errors import LorakitError, PluginError
     from lorakit.plugins import get_plugin_manager
 
+    from lorakit.models import read_model_index
+
     path = Path(path).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise LorakitError(f"{path} already exists and is not empty; choose a new folder for the tiny model.")
     pm = get_plugin_manager(arch)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        index = read_model_index(path) if path.is_dir() else {}
+        if index.get("_lorakit_tiny") == arch:
+            return path  # written by an earlier `lorakit tiny`: keep it (re-running a quick start)
+        raise LorakitError(f"{path} already exists and is not empty; choose a new folder for the tiny model.")
     if not pm.hook.write_tiny_model.get_hookimpls():
         raise PluginError(f"arch '{arch}' cannot write a tiny model (no write_tiny_model hook).")
     path.mkdir(parents=True, exist_ok=True)
     pm.hook.write_tiny_model(path=path, seed=seed)
+    _mark_tiny(path, arch)
     return path
+
+
+def _mark_tiny(path, arch: str) -> None:
+    """Record in model_index.json that this folder is a lorakit tiny model (diffusers ignores
+    keys starting with an underscore)."""
+    import json
+
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index["_lorakit_tiny"] = arch
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

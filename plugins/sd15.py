@@ -226,7 +226,7 @@ def write_tiny_model(path, seed):
     )
     text_encoder = CLIPTextModel(tiny_clip_text_config(hidden_size=32))
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
