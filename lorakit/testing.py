@@ -107,3 +107,70 @@ def lorakit_image_folder(tmp_path) -> Path:
     target = tmp_path / "images"
     shutil.copytree(example_data(), target)
     return target
+
+
+def _pipeline_component(pipeline, name, trained):
+    """The pipeline's module for trained component ``name``: same attribute name, else the
+    only module of the same class that carries LoRA layers."""
+    from lorakit.lora import count_lora_layers
+
+    found = getattr(pipeline, name, None)
+    if found is not None:
+        return found
+    modules = getattr(pipeline, "components", {}) or {}
+    same = [m for m in modules.values() if type(m) is type(trained) and count_lora_layers(m) > 0]
+    return same[0] if len(same) == 1 else None
+
+
+def run_arch_contract(arch: str, tmp_path, data=None, **overrides) -> dict:
+    """The checks every arch plugin must pass, for a plugin's own test suite.
+
+    1. a tiny model trains (rank 4, alpha 8) and writes ``pytorch_lora_weights.safetensors``;
+    2. the file loads into the arch's inference pipeline through its ``load_lora`` hook and
+       every trained layer is there with the same effective weight (where the pipeline
+       exposes the trained component under the same name);
+    3. 2 steps + ``--resume latest`` + 2 steps equals 4 uninterrupted steps, bit for bit.
+
+    Returns figures (layer counts, the largest reload difference) for reporting.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.plugins import get_plugin_manager
+    from lorakit.tiny import make_tiny_model
+    from lorakit.training import Trainer
+
+    tmp_path = Path(tmp_path)
+    data = example_data() if data is None else data
+    model = make_tiny_model(arch, tmp_path / "model")
+    settings = dict(rank=4, alpha=8, max_steps=4, checkpoint_every=2)
+    settings.update(overrides)
+    trainer = Trainer(tiny_config(arch, model, data, tmp_path / "straight", **settings)).setup()
+    straight = trainer.run()
+    assert straight.weights.is_file(), "no pytorch_lora_weights.safetensors written"
+    figures = {"layers": {}, "max_delta_diff": 0.0}
+
+    pm = get_plugin_manager(arch)
+    if pm.hook.load_pipeline.get_hookimpls() and pm.hook.load_lora.get_hookimpls():
+        pipeline = pm.hook.load_pipeline(model_path=model, device="cpu", dtype=torch.float32)
+        pm.hook.load_lora(pipeline=pipeline, path=straight.weights, adapter_name="default")
+        compared = 0
+        for name in trainer.lora_configs:
+            loaded = _pipeline_component(pipeline, name, trainer.components[name])
+            if loaded is None:
+                continue
+            assert_same_lora(trainer.components[name], loaded, atol=1e-6)
+            want, got = lora_deltas(trainer.components[name]), lora_deltas(loaded)
+            figures["layers"][name] = len(want)
+            for key in want:
+                figures["max_delta_diff"] = max(figures["max_delta_diff"], float((want[key] - got[key]).abs().max()))
+            compared += 1
+        assert compared, "the pipeline exposes none of the trained components by name"
+
+    Trainer(tiny_config(arch, model, data, tmp_path / "resumed", **{**settings, "max_steps": 2})).setup().run()
+    resumed = Trainer(tiny_config(arch, model, data, tmp_path / "resumed", **settings, resume="latest")).setup().run()
+    a, b = load_file(str(straight.weights)), load_file(str(resumed.weights))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
+    return figures
