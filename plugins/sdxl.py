@@ -106,14 +106,18 @@ def _load_vae(config, model_path: Path, device, weight_dtype):
     return vae.to(device, dtype=weight_dtype)
 
 
-def _check_consistent(path: Path, unet, vae, text_encoder, text_encoder_2) -> None:
+def _check_consistent(path: Path, unet, vae, text_encoder, text_encoder_2, vae_flag=None) -> None:
     """Refuse a folder whose parts do not fit together, before a shape error deep in a forward."""
     where = f"--model {path}"
     if unet.config.in_channels != vae.config.latent_channels:
+        if vae_flag:
+            raise LorakitError(
+                f"--vae {vae_flag}: the UNet of {path} takes {unet.config.in_channels} input channels but "
+                f"this VAE gives {vae.config.latent_channels}; pass an SDXL VAE such as madebyollin/sdxl-vae-fp16-fix."
+            )
         raise LorakitError(
-            f"{where}: its UNet takes {unet.config.in_channels} input channels but the VAE gives "
-            f"{vae.config.latent_channels} (an inpainting model, or a --vae of another family?); "
-            "use a text-to-image SDXL base model and an SDXL VAE."
+            f"{where}: its UNet takes {unet.config.in_channels} input channels but its VAE gives "
+            f"{vae.config.latent_channels} (an inpainting model?); use a text-to-image SDXL base model."
         )
     if unet.config.addition_embed_type != "text_time":
         raise LorakitError(
@@ -148,7 +152,7 @@ def load_components(model_path, config, device, weight_dtype):
     check_tokenizer_matches(tokenizer_2, text_encoder_2, f"--model {path} (tokenizer_2)")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     vae = _load_vae(config, path, device, weight_dtype)
-    _check_consistent(path, unet, vae, text_encoder, text_encoder_2)
+    _check_consistent(path, unet, vae, text_encoder, text_encoder_2, vae_flag=config.vae)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     apply_prediction_type(noise_scheduler, config.prediction_type)
 

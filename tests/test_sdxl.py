@@ -357,8 +357,22 @@ def test_vae_flag_loads_that_vae_in_the_run_precision(sdxl_model, tmp_path, bf16
     assert torch.isfinite(loss)
 
 
+def test_vae_flag_takes_the_vae_of_a_pipeline_folder(sdxl_model, tmp_path):
+    from diffusers import AutoencoderKL
+
+    trainer = Trainer(sdxl_config(sdxl_model, example_data(), tmp_path / "out", vae=str(sdxl_model))).setup()
+    own = AutoencoderKL.from_pretrained(sdxl_model, subfolder="vae").state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in trainer.components["vae"].state_dict().items())
+
+
 def test_vae_flag_errors_name_the_fix(sdxl_model, tmp_path):
+    from diffusers import AutoencoderKL
+
     (tmp_path / "empty").mkdir()
+    wide = AutoencoderKL.from_pretrained(sdxl_model, subfolder="vae").config
+    AutoencoderKL.from_config({**wide, "latent_channels": 16}).save_pretrained(tmp_path / "vae16")
+    with pytest.raises(LorakitError, match=r"--vae .*takes 4 input channels but this VAE gives 16; pass an SDXL VAE"):
+        Trainer(sdxl_config(sdxl_model, example_data(), tmp_path / "o0", vae=str(tmp_path / "vae16"))).setup()
     with pytest.raises(LorakitError, match=r"--vae .* holds no config.json"):
         Trainer(sdxl_config(sdxl_model, example_data(), tmp_path / "o1", vae=str(tmp_path / "empty"))).setup()
     with pytest.raises(LorakitError, match=r"--vae .* is a UNet2DConditionModel model, not an AutoencoderKL"):
