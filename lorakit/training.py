@@ -68,6 +68,7 @@ class Trainer:
         self.pm = pm
         self.info = pm.hook.arch_info()
 
+        _reset_accelerate_state()
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise LorakitError("--mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.")
@@ -428,6 +429,16 @@ class Trainer:
 
     def _progress_note(self, text):
         self._say(text)
+
+
+def _reset_accelerate_state():
+    """accelerate keeps one process-wide state that refuses a second precision; several runs in
+    one process (notebooks, tests, DreamBooth class generation) each get a fresh one."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state()
 
 
 def _enable_gradient_checkpointing(module):
