@@ -197,3 +197,15 @@ def test_generate_with_two_loras(sd15, tmp_path):
     r = run("generate", "--arch", "sd15", "--model", sd15, "--prompt", "x", "--lora", tmp_path / "a" / "x.bin",
             "--output", tmp_path / "img2.png")
     assert_one_line_error(r, "does not exist")
+
+
+def test_every_cli_option_is_in_the_reference():
+    import typer
+    from typer.core import TyperOption
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for name, command in typer.main.get_command(app).commands.items():
+        assert f"## `lorakit {name}`" in text, f"docs/cli.md lacks the {name} command"
+        for param in command.params:
+            if isinstance(param, TyperOption):
+                assert f"`{param.opts[0]}`" in text, f"docs/cli.md lacks {name} {param.opts[0]}"
