@@ -85,8 +85,7 @@ def _load_vae(config, model_path: Path, device, weight_dtype):
     from lorakit.models import resolve_model
 
     if not config.vae:
-        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae")
-        return vae.to(device, dtype=torch.float32)
+        return AutoencoderKL.from_pretrained(model_path, subfolder="vae", dtype=torch.float32).to(device)
     source = resolve_model(config.vae)
     if (source / "vae" / "config.json").is_file():  # a whole pipeline folder: take its VAE
         subfolder = "vae"
@@ -102,8 +101,7 @@ def _load_vae(config, model_path: Path, device, weight_dtype):
             f"--vae {config.vae} is a {cfg.get('_class_name') or 'non-diffusers'} model, not an AutoencoderKL; "
             "pass an SDXL VAE such as madebyollin/sdxl-vae-fp16-fix."
         )
-    vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder)
-    return vae.to(device, dtype=weight_dtype)
+    return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=weight_dtype).to(device)
 
 
 def _check_consistent(path: Path, unet, vae, text_encoder, text_encoder_2, vae_flag=None) -> None:
@@ -146,21 +144,19 @@ def load_components(model_path, config, device, weight_dtype):
     _check_layout(path, need_vae=not config.vae)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+    # Loaded straight in the run's dtype: a 2.6B-parameter UNet never sits in fp32 in host memory.
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=weight_dtype)
     check_tokenizer_matches(tokenizer, text_encoder, f"--model {path} (tokenizer)")
     check_tokenizer_matches(tokenizer_2, text_encoder_2, f"--model {path} (tokenizer_2)")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=weight_dtype)
     vae = _load_vae(config, path, device, weight_dtype)
     _check_consistent(path, unet, vae, text_encoder, text_encoder_2, vae_flag=config.vae)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     apply_prediction_type(noise_scheduler, config.prediction_type)
 
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    text_encoder_2.to(device, dtype=weight_dtype)
     for module in (vae, unet, text_encoder, text_encoder_2):
-        module.eval()
+        module.to(device).eval()
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return {
         "unet": unet,
