@@ -61,11 +61,12 @@ def _earlier_run_artifacts(output_dir: Path) -> list[Path]:
     return [p for p in names if p.exists()] + list_checkpoints(output_dir)
 
 
-def prepare_output_dir(output_dir: Path, config) -> Path | None:
-    """Create the output folder; return the checkpoint to resume from, if any.
+def check_output_dir(output_dir: Path, config) -> Path | None:
+    """Decide what a run may do with ``--output``, touching nothing; return the checkpoint to
+    resume from, if any.
 
     An output folder holding an earlier run is refused unless ``--resume`` (continue it)
-    or ``--overwrite`` (replace lorakit's own files in it; nothing else is touched).
+    or ``--overwrite`` (replace lorakit's own files in it, see :func:`clear_earlier_run`).
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise LorakitError(f"--output {output_dir} is a file; pass a folder.")
@@ -81,25 +82,36 @@ def prepare_output_dir(output_dir: Path, config) -> Path | None:
                     "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."
                 )
             log.info("--resume latest: no checkpoint in %s yet, starting from step 0", output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
             return None
         path = Path(resume).expanduser()
         if not (path / STATE_FILE).is_file():
-            raise LorakitError(f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'.")
-        output_dir.mkdir(parents=True, exist_ok=True)
+            raise LorakitError(
+                f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'."
+            )
         return path
     earlier = _earlier_run_artifacts(output_dir)
-    if earlier:
-        if not config.overwrite:
-            raise LorakitError(
-                f"--output {output_dir} holds an earlier run ({earlier[0].name}); pass --resume latest to "
-                "continue it, --overwrite to replace it, or choose another --output."
-            )
-        for p in earlier:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        log.info("--overwrite: removed the earlier run's files from %s", output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if earlier and not config.overwrite:
+        raise LorakitError(
+            f"--output {output_dir} holds an earlier run ({earlier[0].name}); pass --resume latest to "
+            "continue it, --overwrite to replace it, or choose another --output."
+        )
     return None
+
+
+def clear_earlier_run(output_dir: Path, config) -> None:
+    """With ``--overwrite`` (and no resume), remove lorakit's own files of an earlier run.
+
+    Called only once the new run has loaded its model and data, so a run that fails on a
+    bad input never costs the user the earlier one. Files lorakit did not write stay.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume or not config.overwrite:
+        return
+    earlier = _earlier_run_artifacts(output_dir)
+    for p in earlier:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if earlier:
+        log.info("--overwrite: removed the earlier run's files from %s", output_dir)
 
 
 def write_run_config(output_dir: Path, config) -> None:

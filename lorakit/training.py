@@ -60,13 +60,12 @@ class Trainer:
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.output_dir = Path(config.output).expanduser()
-        resume_from = checkpoints.prepare_output_dir(self.output_dir, config)
-
         pm = get_plugin_manager(config.arch, config.modes)
         require_hooks(pm, config.arch)
         self.pm = pm
         self.info = pm.hook.arch_info()
+        self.output_dir = Path(config.output).expanduser()
+        resume_from = checkpoints.check_output_dir(self.output_dir, config)
 
         _reset_accelerate_state()
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -138,6 +137,9 @@ class Trainer:
         self.prompt_cache: dict = {}
         self.cache_images = config.cache and config.center_crop
         self.cache_prompts = config.cache and not self.trained_text_encoders
+        if accelerator.is_main_process:
+            checkpoints.clear_earlier_run(self.output_dir, config)
+        accelerator.wait_for_everyone()
         if resume_from is not None:
             state = checkpoints.load(resume_from, self)
             self.global_step = state["global_step"]

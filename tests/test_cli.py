@@ -127,6 +127,10 @@ def test_output_holding_an_earlier_run(sd15, tmp_path):
 
     r = run(*train_args(sd15, example_data(), out, "--resume", "latest", "--max-steps", "3"))
     assert r.exit_code == 0, r.output
+    # --overwrite with a bad input fails before anything of the earlier run is removed
+    r = run(*train_args(sd15, tmp_path / "missing", out, "--overwrite"))
+    assert_one_line_error(r, "does not exist")
+    assert (out / "checkpoint-1").is_dir() and (out / "pytorch_lora_weights.safetensors").is_file()
     r = run(*train_args(sd15, example_data(), out, "--overwrite"))
     assert r.exit_code == 0, r.output
     assert not (out / "checkpoint-1").exists()

@@ -140,3 +140,13 @@ def test_non_finite_loss_stops_with_a_clear_message(model, tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)
     finally:
         plugins.unregister("sd15-nan")
+
+
+def test_validation_samples_are_written(model, tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_config("sd15", model, example_data(), out, max_steps=2, validation_prompt="a red circle",
+                        validation_every=2)).setup().run()
+    from PIL import Image
+
+    sample = out / "samples" / "step-000002-0.png"
+    assert Image.open(sample).size == (32, 32)
