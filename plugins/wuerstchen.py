@@ -103,7 +103,7 @@ def _wuerstchen_classes():
     return wuerstchen
 
 
-def _load_prior_parts(path: Path):
+def _load_prior_parts(path: Path, dtype=None):
     """Prior, text encoder, tokenizer and scheduler, each with ``from_pretrained(path, subfolder=...)``.
 
     A saved Wuerstchen pipeline does not load back through ``DiffusionPipeline.from_pretrained``
@@ -115,8 +115,12 @@ def _load_prior_parts(path: Path):
     from lorakit.tiny import check_tokenizer_matches
 
     _check_layout(path)
-    prior = _wuerstchen_classes().WuerstchenPrior.from_pretrained(path, subfolder="prior")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    import torch
+
+    dtype = dtype or torch.float32
+    # dtype at load time: diffusers warns about casting a loaded WuerstchenPrior with .to(dtype)
+    prior = _wuerstchen_classes().WuerstchenPrior.from_pretrained(path, subfolder="prior", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     check_tokenizer_matches(tokenizer, text_encoder, f"--model {path}")
     if (path / "scheduler").is_dir():
@@ -141,7 +145,7 @@ def load_components(model_path, config, device, weight_dtype):
             f"--prediction-type {config.prediction_type} is not supported by --arch wuerstchen "
             "(the prior predicts noise); drop the flag."
         )
-    prior, text_encoder, tokenizer, scheduler = _load_prior_parts(path)
+    prior, text_encoder, tokenizer, scheduler = _load_prior_parts(path, weight_dtype)
     encoder_dir = find_image_encoder(path, config.vae)
     image_encoder = load_image_encoder(encoder_dir)
     if image_encoder.c_latent != prior.config.c_in:
@@ -154,10 +158,8 @@ def load_components(model_path, config, device, weight_dtype):
 
     # The encoder stays in fp32: it runs once per image (cached) and its BatchNorms are fp32-calibrated.
     image_encoder.to(device, dtype=torch.float32)
-    for module in (prior, text_encoder):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+    prior.to(device)
+    text_encoder.to(device)
     for module in (image_encoder, prior, text_encoder):
         module.eval()
     return {
@@ -288,10 +290,13 @@ def find_decoder(model_path) -> Path:
         ) from None
 
 
-def _load_decoder_pipeline(decoder_path: Path):
+def _load_decoder_pipeline(decoder_path: Path, dtype=None):
     from diffusers import DDPMWuerstchenScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    import torch
+
+    dtype = dtype or torch.float32
     classes = _wuerstchen_classes()
     missing = [s for s in ("decoder", "vqgan", "text_encoder", "tokenizer") if not (decoder_path / s).is_dir()]
     if missing:
@@ -300,7 +305,7 @@ def _load_decoder_pipeline(decoder_path: Path):
             "pass a WuerstchenDecoderPipeline folder such as warp-ai/wuerstchen."
         )
     index = json.loads((decoder_path / "model_index.json").read_text())
-    text_encoder = CLIPTextModel.from_pretrained(decoder_path, subfolder="text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(decoder_path, subfolder="text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(decoder_path, subfolder="tokenizer")
     from lorakit.tiny import check_tokenizer_matches
 
@@ -308,11 +313,11 @@ def _load_decoder_pipeline(decoder_path: Path):
     return classes.WuerstchenDecoderPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        decoder=classes.WuerstchenDiffNeXt.from_pretrained(decoder_path, subfolder="decoder"),
+        decoder=classes.WuerstchenDiffNeXt.from_pretrained(decoder_path, subfolder="decoder", torch_dtype=dtype),
         scheduler=DDPMWuerstchenScheduler.from_pretrained(decoder_path, subfolder="scheduler")
         if (decoder_path / "scheduler").is_dir()
         else DDPMWuerstchenScheduler(),
-        vqgan=classes.PaellaVQModel.from_pretrained(decoder_path, subfolder="vqgan"),
+        vqgan=classes.PaellaVQModel.from_pretrained(decoder_path, subfolder="vqgan", torch_dtype=dtype),
         latent_dim_scale=float(index.get("latent_dim_scale", 10.67)),
     )
 
@@ -359,9 +364,9 @@ def build_pipeline(components, config):
 def load_pipeline(model_path, device, dtype):
     """A ``WuerstchenCombinedPipeline``: the prior from ``model_path``, the decoder from :func:`find_decoder`."""
     path = Path(model_path)
-    prior, text_encoder, tokenizer, scheduler = _load_prior_parts(path)
-    decoder_pipe = _load_decoder_pipeline(find_decoder(path))
-    return _combine(prior, text_encoder, tokenizer, scheduler, decoder_pipe).to(device, dtype)
+    prior, text_encoder, tokenizer, scheduler = _load_prior_parts(path, dtype)
+    decoder_pipe = _load_decoder_pipeline(find_decoder(path), dtype)
+    return _combine(prior, text_encoder, tokenizer, scheduler, decoder_pipe).to(device)
 
 
 def _prior_pipe(pipeline):
@@ -382,16 +387,21 @@ def set_lora_scales(pipeline, adapter_names, scales):
 
 @hookimpl
 def generate_images(pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
-    # The decoder needs far fewer steps than the prior (diffusers' default: 12).
-    return pipeline(
-        list(prompts),
-        height=resolution,
-        width=resolution,
-        prior_num_inference_steps=num_inference_steps,
-        num_inference_steps=min(12, num_inference_steps),
-        prior_guidance_scale=4.0 if guidance_scale is None else guidance_scale,
-        generator=generator,
-    ).images
+    # One prompt per call: diffusers' Wuerstchen decoder repeats a list of N prompts N times
+    # (N*N text rows for N image embeddings) and fails. The decoder needs far fewer steps
+    # than the prior (diffusers' default: 12).
+    images = []
+    for prompt in prompts:
+        images += pipeline(
+            prompt,
+            height=resolution,
+            width=resolution,
+            prior_num_inference_steps=num_inference_steps,
+            num_inference_steps=min(12, num_inference_steps),
+            prior_guidance_scale=4.0 if guidance_scale is None else guidance_scale,
+            generator=generator,
+        ).images
+    return images
 
 
 # ----------------------------------------------------------------------------- image encoder

@@ -187,8 +187,9 @@ def test_prior_decoder_chain_generates_images_with_the_lora(trained, tiny_model)
     _, _, result = trained
 
     def image(loras):
-        images = generate(ARCH, str(tiny_model), ["a red circle"], loras=loras, steps=2, resolution=RES, seed=0)
-        assert len(images) == 1
+        prompts = ["a red circle", "a blue square"]  # several prompts: one image each
+        images = generate(ARCH, str(tiny_model), prompts, loras=loras, steps=2, resolution=RES, seed=0)
+        assert len(images) == 2
         return images[0]
 
     base = image([])
