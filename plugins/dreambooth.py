@@ -72,12 +72,12 @@ class DreamBooth:
         if self.pm is None:
             raise RuntimeError("dreambooth: compute_loss called before build_dataset")
         arch_loss = self.pm.subset_hook_caller("compute_loss", remove_plugins=[self])
+        if PRIOR_KEY not in batch:  # not a paired batch (e.g. a held-out plain set): the arch's loss as is
+            return _required(arch_loss(components=components, batch=batch, config=config, generator=generator), config)
         instance_batch, class_batch = split_batch(batch)
-        instance = arch_loss(components=components, batch=instance_batch, config=config, generator=generator)
-        if instance is None:
-            raise PluginError(
-                f"arch plugin '{config.arch}' does not implement required hook compute_loss. See docs/plugins.md."
-            )
+        instance = _required(
+            arch_loss(components=components, batch=instance_batch, config=config, generator=generator), config
+        )
         import torch
 
         seed = derived_seed(generator)
@@ -88,11 +88,21 @@ class DreamBooth:
 
     @hookimpl
     def reduce_loss(self, per_sample_loss, batch, config):
+        if PRIOR_KEY not in batch:
+            return None  # not a paired batch: lorakit's default reduction answers
         is_prior = batch[PRIOR_KEY].to(per_sample_loss.device).bool()
         instance_loss = per_sample_loss[~is_prior].mean()
         prior_loss = per_sample_loss[is_prior].mean()
         loss = instance_loss + config.prior_loss_weight * prior_loss
         return loss, {"instance_loss": float(instance_loss.detach()), "prior_loss": float(prior_loss.detach())}
+
+
+def _required(loss, config):
+    if loss is None:
+        raise PluginError(
+            f"arch plugin '{config.arch}' does not implement required hook compute_loss. See docs/plugins.md."
+        )
+    return loss
 
 
 # ---------------------------------------------------------------------- options

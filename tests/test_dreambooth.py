@@ -90,9 +90,8 @@ def test_prior_weight_zero_is_a_plain_run_and_positive_weight_adds_the_prior(tmp
     # LoRA dropout draws from the global RNG: the class half must not disturb the instance half's draws.
     common = dict(batch_size=2, max_steps=4, dropout=0.1)
 
-    plain_progress = Recorder()
-    plain = Trainer(tiny_config("sd15", model, instance, tmp_path / "plain", **common), progress=plain_progress)
-    plain = plain.setup().run()
+    plain_trainer = Trainer(tiny_config("sd15", model, instance, tmp_path / "plain", **common)).setup()
+    plain = plain_trainer.run()
 
     runs = {}
     for weight in (0.0, 1.0):
@@ -105,6 +104,8 @@ def test_prior_weight_zero_is_a_plain_run_and_positive_weight_adds_the_prior(tmp
         # 4 instance images, 3 class images -> 4 examples of [instance, class], like the plain run's 4
         assert len(trainer.dataset) == 4 and trainer.dataset.group_size == 2
         runs[weight] = (trainer.run(), progress)
+        if weight == 0.0:
+            zero_trainer = trainer
 
     plain_w = _weights(plain)
     zero_w, one_w = _weights(runs[0.0][0]), _weights(runs[1.0][0])
@@ -112,6 +113,8 @@ def test_prior_weight_zero_is_a_plain_run_and_positive_weight_adds_the_prior(tmp
     for key in plain_w:
         assert torch.equal(plain_w[key], zero_w[key]), f"weight 0 differs from the plain run at {key}"
     assert any(not torch.equal(plain_w[k], one_w[k]) for k in plain_w), "the prior term changed nothing"
+    # an unpaired (plain) dataset evaluated in dreambooth mode gets the arch's plain loss
+    assert zero_trainer.eval_loss(plain_trainer.dataset, repeats=1) == plain_trainer.eval_loss(repeats=1)
 
     for weight, (result, progress) in runs.items():
         assert len(progress.updates) == 4
