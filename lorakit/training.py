@@ -372,9 +372,22 @@ class Trainer:
                 self.save_samples()
         if progress is not None and accelerator.is_main_process:
             progress.finish()
+        self._check_processes_agree()
         weights = self.save_final()
         log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
         return TrainResult(self.output_dir, weights, self.global_step, self.losses)
+
+    def _check_processes_agree(self):
+        """With several processes every copy of the LoRA must be identical (gradients are
+        averaged before each step); a mismatch means a broken setup, not a usable result."""
+        import torch
+
+        if self.accelerator.num_processes == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1).to(self.device)
+        sums = self.accelerator.gather(checksum)
+        if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9):
+            raise RuntimeError(f"LoRA weights differ between processes: {sums.tolist()}")
 
     # ------------------------------------------------------------------ outputs
     def lora_layers(self) -> dict:
