@@ -335,7 +335,7 @@ def prepare_image(image, resolution: int, augment: Augment):
 
     Returns ``(pixel_values, original_size, crop_top_left)``: a ``(3, R, R)`` float tensor
     in ``[-1, 1]``, the image's ``(height, width)`` before resizing, and the crop's
-    ``(top, left)`` in resized pixels (SDXL conditions on both).
+    ``(top, left)`` in resized pixels (some archs condition on both).
     """
     import numpy as np
     import torch

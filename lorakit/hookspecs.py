@@ -60,8 +60,8 @@ def recognizes_model(model_index):
     """Say whether a base model folder belongs to this arch.
 
     ``model_index`` is the parsed ``model_index.json`` of the model (a dict; ``{}`` if the
-    folder has none). Return ``True`` or ``False``. Used to refuse, for example, an SD1.5
-    run pointed at an SDXL model, and to suggest the right ``--arch``. Must be cheap.
+    folder has none). Return ``True`` or ``False``. Used to refuse a model of another
+    architecture and to suggest the ``--arch`` that recognises it. Must be cheap.
     """
 
 

@@ -86,7 +86,7 @@ def _lorakit_tiny_models(tmp_path_factory):
 
 @pytest.fixture
 def lorakit_tiny_model(_lorakit_tiny_models, tmp_path_factory):
-    """Factory: ``lorakit_tiny_model("sd15")`` -> Path of a tiny model (cached per session)."""
+    """Factory: ``lorakit_tiny_model("my-arch")`` -> Path of a tiny model (cached per session)."""
 
     def make(arch: str, seed: int = 0) -> Path:
         key = (arch, seed)

@@ -207,3 +207,15 @@ def test_example_plugin_in_the_docs_is_complete(tmp_path):
         assert saved.keys() == trained.keys() and len(saved) > 0
     finally:
         plugins.unregister("docs-example")
+
+
+def test_core_names_no_architecture():
+    """DESIGN rule 1: nothing under lorakit/ imports a plugin or names an architecture."""
+    core = Path(hookspecs.__file__).parent
+    pattern = re.compile(r"sdxl|sd1\.?5|sd15|kandinsky|wuerstchen|stable.?diffusion|lorakit_plugins", re.I)
+    offenders = []
+    for path in core.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if pattern.search(line):
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+    assert not offenders, offenders
