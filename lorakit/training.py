@@ -459,6 +459,8 @@ def _reset_accelerate_state():
 def _enable_gradient_checkpointing(module):
     if hasattr(module, "enable_gradient_checkpointing"):
         module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        module.activation_checkpointing_enable()
     elif hasattr(module, "gradient_checkpointing_enable"):
         module.gradient_checkpointing_enable()
     else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from lorakit.arch import ArchInfo
@@ -433,8 +434,8 @@ class Decoder(_Kandinsky22):
         if missing:
             raise LorakitError(
                 f"--model {path} has no {PRIOR_DIR}/{' or '.join(missing)}: the decoder is conditioned on CLIP image "
-                f"embeddings from the Kandinsky 2.2 prior; download kandinsky-community/kandinsky-2-2-prior into "
-                f"{folder} (see {DOCS})."
+                f"embeddings from the Kandinsky 2.2 prior; use a local decoder folder with "
+                f"kandinsky-community/kandinsky-2-2-prior in its {PRIOR_DIR}/ (see {DOCS})."
             )
         return folder
 
@@ -663,7 +664,7 @@ class Prior(_Kandinsky22):
     @staticmethod
     def _decoder_folder(path: Path):
         """A prior kept as ``prior/`` inside a decoder folder (the kandinsky22 layout) has its decoder above it."""
-        folder = path.resolve()
+        folder = Path(os.path.abspath(path))  # not resolve(): k22/prior may be a symbolic link
         if folder.name == PRIOR_DIR and _read_class_name(folder.parent) in DECODER_PIPELINES:
             return folder.parent
         return None
