@@ -25,7 +25,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd15")
     model = make_tiny_model("sd15", root / "model")
     config = tiny_config(
-        "sd15", model, example_data(), root / "out", rank=4, alpha=8, target_modules=TARGETS, max_steps=3
+        "sd15", model, example_data(), root / "out", rank=4, alpha=8, target_modules=TARGETS, max_steps=3,
+        train_text_encoder=True,
     )
     trainer = Trainer(config).setup()
     result = trainer.run()
@@ -50,6 +51,22 @@ def test_diffusers_reload_reproduces_trained_unet(trained):
         want = trained_unet(x, torch.tensor([10, 500]), cond).sample
         got = pipe.unet(x, torch.tensor([10, 500]), cond).sample
     assert (want - got).abs().max().item() < 1e-5
+
+
+def test_diffusers_reload_reproduces_trained_text_encoder(trained):
+    from diffusers import StableDiffusionPipeline
+
+    model, trainer, result = trained
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(result.output_dir), weight_name=result.weights.name)
+    trained_te = trainer.components["text_encoder"].eval()
+    assert count_lora_layers(pipe.text_encoder) == count_lora_layers(trained_te) == 8
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
+    base = StableDiffusionPipeline.from_pretrained(model).text_encoder
+    with torch.no_grad():
+        want, got, orig = trained_te(ids)[0], pipe.text_encoder(ids)[0], base(ids)[0]
+    assert (want - got).abs().max().item() < 1e-5
+    assert (want - orig).abs().max().item() > 1e-4  # the LoRA really changed the encoder
 
 
 def test_saved_file_carries_alpha_and_targets(trained):
