@@ -43,7 +43,7 @@ from lorakit.hookspecs import hookimpl
 
 log = logging.getLogger("lorakit")
 
-__all__ = ["decoder", "prior", "load_lora_into", "WEIGHT_NAME"]
+__all__ = ["decoder", "prior", "load_lora_into", "clip_pixel_values", "WEIGHT_NAME"]
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DECODER_PIPELINES = ("KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline")
@@ -73,7 +73,7 @@ def load_lora_into(pipeline, path, adapter_name: str = "default") -> list[str]:
     several adapters, load each under its own name, then
     ``pipeline.unet.set_adapters([...], weights=[...])`` (or ``pipeline.prior``).
 
-    Returns the names of the pipeline components that received the adapter.
+    Returns which models received the adapter: ``["unet"]`` or ``["prior"]``.
     """
     file = _lora_file(path)
     loaded = []
@@ -109,8 +109,11 @@ def _lora_file(path) -> Path:
 def _lora_prefixes(file: Path) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        prefixes = sorted({key.split(".", 1)[0] for key in handle.keys()})
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            prefixes = sorted({key.split(".", 1)[0] for key in handle.keys()})
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise LorakitError(f"{file} is not a readable safetensors file ({exc}); train or download it again.") from None
     if not prefixes or any(p not in ("unet", "prior") for p in prefixes):
         raise LorakitError(
             f"{file} is not a Kandinsky 2.2 LoRA from lorakit (its keys start with {', '.join(prefixes) or 'nothing'}, "

@@ -85,6 +85,26 @@ def test_plugin_module_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("crop, sizes", [(32, (32, 64)), (224, (224, 512))])
+def test_clip_inputs_match_clip_image_processor(crop, sizes):
+    """The embeddings lorakit trains on see what CLIPImageProcessor makes of the same image."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from lorakit.testing import example_data
+    from lorakit_plugins.kandinsky22 import clip_pixel_values
+
+    processor = CLIPImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
+    image = Image.open(example_data() / "red_circle.png").convert("RGB")
+    for size in sizes:
+        resized = image.resize((size, size), Image.BICUBIC)
+        want = torch.from_numpy(processor(resized, return_tensors="np").pixel_values)
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        got = clip_pixel_values(pixels, processor)
+        assert got.shape == want.shape == (1, 3, crop, crop)
+        assert (got - want).abs().mean().item() < 5e-3 and (got - want).abs().max().item() < 0.15
+
+
 def test_decoder_lora_reloads_exactly_into_kandinsky_pipeline(trained, models):
     from diffusers import KandinskyV22Pipeline
 
@@ -202,6 +222,11 @@ def test_user_errors_name_the_fix(trained, models, lorakit_image_folder, tmp_pat
     _, prior_run = trained(PRIOR)
     with pytest.raises(LorakitError, match="prior LoRA but KandinskyV22Pipeline has no prior; load it into a KandinskyV22PriorPipeline"):
         load_lora_into(KandinskyV22Pipeline.from_pretrained(models[DECODER]), prior_run.weights)
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(LorakitError, match="is not a readable safetensors file"):
+        load_lora_into(KandinskyV22Pipeline.from_pretrained(models[DECODER]), damaged)
 
     no_prior = tmp_path / "decoder-only"
     shutil.copytree(models[DECODER], no_prior, ignore=shutil.ignore_patterns("prior"))
