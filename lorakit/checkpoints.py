@@ -37,6 +37,10 @@ RESUME_MUST_MATCH = (
     "resolution",
     "mixed_precision",
     "init_lora_weights",
+    "modes",
+    "instance_prompt",
+    "class_prompt",
+    "repeats",
 )
 
 

@@ -169,7 +169,12 @@ def set_lora_scales(pipeline, adapter_names, scales):
 
 @hookspec(firstresult=True)
 def generate_images(pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
-    """Generate one PIL image per prompt with an inference pipeline."""
+    """Generate one PIL image per prompt with an inference pipeline.
+
+    ``generator`` is a ``torch.Generator`` or a list with one per prompt (per-image seeds,
+    diffusers' convention; DreamBooth uses it so an interrupted class-image generation
+    resumes with the same images). ``guidance_scale=None`` means the pipeline's default.
+    """
 
 
 @hookspec(firstresult=True)

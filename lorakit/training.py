@@ -420,14 +420,16 @@ class Trainer:
         for name in self.lora_configs:
             self.components[name].eval()
         generator = torch.Generator().manual_seed(self.config.seed)
-        images = self.pm.hook.generate_images(
-            pipeline=pipeline,
-            prompts=[self.config.validation_prompt],
-            generator=generator,
-            num_inference_steps=25,
-            resolution=self.resolution,
-            guidance_scale=None,
-        )
+        # autocast: frozen weights may be bf16/fp16 next to an fp32 VAE
+        with torch.no_grad(), self.accelerator.autocast():
+            images = self.pm.hook.generate_images(
+                pipeline=pipeline,
+                prompts=[self.config.validation_prompt],
+                generator=generator,
+                num_inference_steps=25,
+                resolution=self.resolution,
+                guidance_scale=None,
+            )
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):

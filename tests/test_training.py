@@ -150,3 +150,10 @@ def test_validation_samples_are_written(model, tmp_path):
 
     sample = out / "samples" / "step-000002-0.png"
     assert Image.open(sample).size == (32, 32)
+
+
+def test_validation_samples_under_bf16(model, tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_config("sd15", model, example_data(), out, max_steps=1, mixed_precision="bf16",
+                        validation_prompt="a red circle", validation_every=1)).setup().run()
+    assert (out / "samples" / "step-000001-0.png").is_file()
