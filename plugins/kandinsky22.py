@@ -263,7 +263,7 @@ def _write_tiny_prior(path: Path, seed: int) -> None:
         )
     )
     text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(hidden_size=embed_dim, projection_dim=embed_dim))
-    # The scheduler settings of kandinsky-community/kandinsky-2-2-prior.
+    # unCLIP's prior schedule (squaredcos_cap_v2 betas), predicting the clean embedding.
     scheduler = UnCLIPScheduler(
         num_train_timesteps=1000,
         variance_type="fixed_small_log",
@@ -328,7 +328,7 @@ def _write_tiny_decoder(path: Path, seed: int) -> None:
         num_vq_embeddings=12,
         vq_embed_dim=4,
     )
-    # The scheduler settings of kandinsky-community/kandinsky-2-2-decoder.
+    # A latent-diffusion DDPM schedule (linear betas 0.00085-0.012), predicting the noise.
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
@@ -455,6 +455,8 @@ class Decoder(_Kandinsky22):
             raise LorakitError(
                 "--arch kandinsky22 conditions on the image embedding, not on captions; drop --caption-dropout."
             )
+        if config.vae:
+            raise LorakitError("--arch kandinsky22 uses the decoder's own MoVQ and takes no --vae; drop it.")
         prior_folder = self._prior_folder(path)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=weight_dtype)
         # MoVQ stays in fp32: it only encodes (once, when cached), like an SD VAE.
@@ -583,6 +585,8 @@ class Prior(_Kandinsky22):
             raise LorakitError("--noise-offset is for image latents; the prior denoises an embedding, drop it.")
         if config.gradient_checkpointing:
             raise LorakitError("the Kandinsky 2.2 prior does not support --gradient-checkpointing; drop the flag.")
+        if config.vae:
+            raise LorakitError("--arch kandinsky22-prior encodes images with its CLIP image encoder, not a VAE; drop --vae.")
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
         check_tokenizer_matches(tokenizer, text_encoder, f"--model {path}")

@@ -239,3 +239,19 @@ def test_user_errors_name_the_fix(trained, models, lorakit_image_folder, tmp_pat
 
     with pytest.raises(LorakitError, match="generate with --arch kandinsky22 --model"):
         generate(PRIOR, str(models[PRIOR]), ["x"], steps=2, resolution=32, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "arch, option, message",
+    [
+        (DECODER, {"caption_dropout": 0.1}, "not on captions; drop --caption-dropout"),
+        (DECODER, {"vae": "some-vae"}, "takes no --vae"),
+        (PRIOR, {"noise_offset": 0.05}, "the prior denoises an embedding"),
+        (PRIOR, {"prediction_type": "v_prediction"}, "drop --prediction-type"),
+        (PRIOR, {"gradient_checkpointing": True}, "drop the flag"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(arch, option, message, models, lorakit_image_folder, tmp_path):
+    config = tiny_config(arch, models[arch], lorakit_image_folder, tmp_path / "out", **option)
+    with pytest.raises(LorakitError, match=message):
+        Trainer(config).setup()
