@@ -221,6 +221,17 @@ def _combine(decoder_pipe, prior_pipe):
     )
 
 
+def _inference_pipeline(decoder_folder, prior_folder, device, dtype):
+    """The Kandinsky pipeline of what there is: prior -> decoder combined, or one stage alone
+    (which takes LoRAs but cannot turn prompts into images; ``generate_images`` says so)."""
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_folder, dtype=dtype) if decoder_folder else None
+    prior_pipe = KandinskyV22PriorPipeline.from_pretrained(prior_folder, dtype=dtype) if prior_folder else None
+    pipeline = _combine(decoder_pipe, prior_pipe) if decoder_pipe and prior_pipe else decoder_pipe or prior_pipe
+    return pipeline.to(device)
+
+
 def _has_prior_pipeline(folder: Path) -> bool:
     return _read_class_name(folder) in PRIOR_PIPELINES and all((folder / s).is_dir() for s in PRIOR_SUBFOLDERS)
 
@@ -350,6 +361,9 @@ class _Kandinsky22:
     #: The component that receives LoRA, which is also the key prefix in the LoRA file.
     denoiser = ""
     pipelines: tuple = ()
+    default_targets: list = []
+    #: Why ``lorakit generate`` cannot make images from this stage alone, and the fix.
+    cannot_generate = ""
 
     @hookimpl
     def recognizes_model(self, model_index):
@@ -390,6 +404,8 @@ class _Kandinsky22:
 
     @hookimpl
     def generate_images(self, pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
+        if not hasattr(pipeline, "prior_pipe"):  # one stage alone: no way from prompts to images
+            raise LorakitError(self.cannot_generate)
         # Prior -> decoder, step by step as docs/archs/kandinsky22.md shows (the same generator
         # and guidance for both stages, so the two give the same image).
         scale = 4.0 if guidance_scale is None else guidance_scale
@@ -417,6 +433,10 @@ class Decoder(_Kandinsky22):
     denoiser = "unet"
     pipelines = DECODER_PIPELINES
     default_targets = DECODER_TARGETS
+    cannot_generate = (
+        f"--arch kandinsky22 needs the prior in {PRIOR_DIR}/ of the --model folder to turn prompts into image "
+        f"embeddings; download kandinsky-community/kandinsky-2-2-prior there (see {DOCS})."
+    )
 
     @hookimpl
     def arch_info(self):
@@ -529,19 +549,10 @@ class Decoder(_Kandinsky22):
 
     @hookimpl
     def load_pipeline(self, model_path, device, dtype):
-        from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
-
         path = Path(model_path)
         _check_layout(path, DECODER_SUBFOLDERS, "KandinskyV22Pipeline")
         prior_folder = path / PRIOR_DIR
-        if not _has_prior_pipeline(prior_folder):
-            raise LorakitError(
-                f"--model {path} has no complete Kandinsky 2.2 prior in {prior_folder}, which turns prompts into "
-                f"image embeddings; download kandinsky-community/kandinsky-2-2-prior there (see {DOCS})."
-            )
-        decoder_pipe = KandinskyV22Pipeline.from_pretrained(path, dtype=dtype)
-        prior_pipe = KandinskyV22PriorPipeline.from_pretrained(prior_folder, dtype=dtype)
-        return _combine(decoder_pipe, prior_pipe).to(device)
+        return _inference_pipeline(path, prior_folder if _has_prior_pipeline(prior_folder) else None, device, dtype)
 
     @hookimpl
     def write_tiny_model(self, path, seed):
@@ -555,6 +566,11 @@ class Prior(_Kandinsky22):
     denoiser = "prior"
     pipelines = PRIOR_PIPELINES
     default_targets = PRIOR_TARGETS
+    cannot_generate = (
+        f"--arch kandinsky22-prior makes image embeddings, not images, and its --model is not the {PRIOR_DIR}/ of a "
+        f"decoder folder; generate with --arch kandinsky22 --model <decoder folder with this prior in {PRIOR_DIR}/> "
+        f"--lora <this LoRA> (see {DOCS})."
+    )
 
     @hookimpl
     def arch_info(self):
@@ -696,14 +712,7 @@ class Prior(_Kandinsky22):
     def load_pipeline(self, model_path, device, dtype):
         path = Path(model_path)
         _check_layout(path, PRIOR_SUBFOLDERS, "KandinskyV22PriorPipeline")
-        decoder_folder = self._decoder_folder(path)
-        if decoder_folder is None:
-            raise LorakitError(
-                f"--arch kandinsky22-prior makes image embeddings, not images, and {path} is not the prior/ of a "
-                f"decoder folder; generate with --arch kandinsky22 --model <decoder folder with this prior in prior/> "
-                f"--lora <this LoRA> (see {DOCS})."
-            )
-        return Decoder().load_pipeline(model_path=decoder_folder, device=device, dtype=dtype)
+        return _inference_pipeline(self._decoder_folder(path), path, device, dtype)
 
     @hookimpl
     def write_tiny_model(self, path, seed):

@@ -234,6 +234,9 @@ def test_user_errors_name_the_fix(trained, models, lorakit_image_folder, tmp_pat
     with pytest.raises(LorakitError, match="has no prior/image_encoder.*kandinsky-community/kandinsky-2-2-prior in its prior/"):
         Trainer(config).setup()
 
+    with pytest.raises(LorakitError, match="needs the prior in prior/ of the --model folder"):
+        generate(DECODER, str(no_prior), ["x"], steps=2, resolution=32, device="cpu")
+
     with pytest.raises(LorakitError, match="use --arch kandinsky22-prior"):
         Trainer(tiny_config(DECODER, models[PRIOR], lorakit_image_folder, tmp_path / "out2")).setup()
 
