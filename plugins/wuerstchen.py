@@ -109,14 +109,13 @@ def _load_prior_parts(path: Path, dtype=None):
     A saved Wuerstchen pipeline does not load back through ``DiffusionPipeline.from_pretrained``
     on current diffusers, so every component is loaded on its own.
     """
+    import torch
     from diffusers import DDPMWuerstchenScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from lorakit.tiny import check_tokenizer_matches
 
     _check_layout(path)
-    import torch
-
     dtype = dtype or torch.float32
     # dtype at load time: diffusers warns about casting a loaded WuerstchenPrior with .to(dtype)
     prior = _wuerstchen_classes().WuerstchenPrior.from_pretrained(path, subfolder="prior", torch_dtype=dtype)
@@ -291,10 +290,11 @@ def find_decoder(model_path) -> Path:
 
 
 def _load_decoder_pipeline(decoder_path: Path, dtype=None):
+    import torch
     from diffusers import DDPMWuerstchenScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    import torch
+    from lorakit.tiny import check_tokenizer_matches
 
     dtype = dtype or torch.float32
     classes = _wuerstchen_classes()
@@ -307,8 +307,6 @@ def _load_decoder_pipeline(decoder_path: Path, dtype=None):
     index = json.loads((decoder_path / "model_index.json").read_text())
     text_encoder = CLIPTextModel.from_pretrained(decoder_path, subfolder="text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(decoder_path, subfolder="tokenizer")
-    from lorakit.tiny import check_tokenizer_matches
-
     check_tokenizer_matches(tokenizer, text_encoder, f"decoder {decoder_path}")
     return classes.WuerstchenDecoderPipeline(
         tokenizer=tokenizer,
