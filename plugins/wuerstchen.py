@@ -387,9 +387,9 @@ def set_lora_scales(pipeline, adapter_names, scales):
 def generate_images(pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
     # One prompt per call: diffusers' Wuerstchen decoder repeats a list of N prompts N times
     # (N*N text rows for N image embeddings) and fails. The decoder needs far fewer steps
-    # than the prior (diffusers' default: 12).
+    # than the prior (diffusers' default: 12). A list of generators holds one per prompt.
     images = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         images += pipeline(
             prompt,
             height=resolution,
@@ -397,7 +397,7 @@ def generate_images(pipeline, prompts, generator, num_inference_steps, resolutio
             prior_num_inference_steps=num_inference_steps,
             num_inference_steps=min(12, num_inference_steps),
             prior_guidance_scale=4.0 if guidance_scale is None else guidance_scale,
-            generator=generator,
+            generator=generator[i] if isinstance(generator, (list, tuple)) else generator,
         ).images
     return images
 

@@ -201,6 +201,22 @@ def test_prior_decoder_chain_generates_images_with_the_lora(trained, tiny_model)
     assert np.abs(a - b).max() > 0, "the LoRA changes the generated image"
     assert np.array_equal(a, c), "scale 0 gives the base model's image"
 
+    # one generator per prompt (per-image seeds): an image does not depend on the others
+    from lorakit.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(ARCH)
+    pipe = pm.hook.load_pipeline(model_path=tiny_model, device="cpu", dtype=torch.float32)
+
+    def images(prompts, seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return pm.hook.generate_images(
+            pipeline=pipe, prompts=prompts, generator=gens, num_inference_steps=2, resolution=RES, guidance_scale=None
+        )
+
+    pair = images(["a red circle", "a blue square"], [0, 1])
+    alone = images(["a blue square"], [1])
+    assert np.array_equal(np.asarray(pair[1]), np.asarray(alone[0]))
+
 
 def test_missing_decoder_is_one_clear_error(tiny_model, tmp_path):
     model = tmp_path / "prior-only"
