@@ -145,11 +145,9 @@ def _check_layout(path: Path, subfolders, what: str) -> None:
 
 
 def _read_class_name(path: Path) -> str:
-    index = path / "model_index.json"
-    try:
-        return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-    except (OSError, json.JSONDecodeError):
-        return ""
+    from lorakit.models import read_model_index
+
+    return read_model_index(path).get("_class_name", "") if path.is_dir() else ""
 
 
 def _size_value(size, key):
