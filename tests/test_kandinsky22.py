@@ -258,3 +258,22 @@ def test_options_that_do_not_apply_are_refused(arch, option, message, models, lo
     config = tiny_config(arch, models[arch], lorakit_image_folder, tmp_path / "out", **option)
     with pytest.raises(LorakitError, match=message):
         Trainer(config).setup()
+
+
+def test_one_generator_per_prompt_gives_per_image_seeds(models):
+    """The hookspec's list-of-generators form (DreamBooth class images rely on it)."""
+    from lorakit.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(DECODER)
+    pipe = pm.hook.load_pipeline(model_path=models[DECODER], device="cpu", dtype=torch.float32)
+
+    def images(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pm.hook.generate_images(
+            pipeline=pipe, prompts=prompts, generator=generators, num_inference_steps=2, resolution=32,
+            guidance_scale=None,
+        )
+
+    both = images(["a red circle", "a blue square"], [0, 1])
+    alone = images(["a blue square"], [1])
+    assert len(both) == 2 and np.array_equal(np.asarray(both[1]), np.asarray(alone[0]))
