@@ -234,7 +234,7 @@ def generate(
     lora: List[str] = typer.Option([], "--lora", help="LoRA file or output folder, optionally PATH:SCALE; repeatable."),
     output: Path = typer.Option(Path("lorakit-image.png"), "--output", help="Image path (index added for several)."),
     steps: int = typer.Option(25, help="Inference steps."),
-    resolution: Optional[int] = typer.Option(None, help="Image size [arch default]."),
+    resolution: Optional[int] = typer.Option(None, help="Image size [the model's native]."),
     seed: int = typer.Option(0, help="Seed."),
     guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale [pipeline default]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing image files."),

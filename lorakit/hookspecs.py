@@ -173,7 +173,8 @@ def generate_images(pipeline, prompts, generator, num_inference_steps, resolutio
 
     ``generator`` is a ``torch.Generator`` or a list with one per prompt (per-image seeds,
     diffusers' convention; DreamBooth uses it so an interrupted class-image generation
-    resumes with the same images). ``guidance_scale=None`` means the pipeline's default.
+    resumes with the same images). ``resolution=None`` and ``guidance_scale=None`` mean the
+    pipeline's defaults (for ``resolution``: the model's native size).
     """
 
 

@@ -67,9 +67,6 @@ def generate(
     import torch
 
     pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device)
-    if resolution is None:
-        info = pm.hook.arch_info()
-        resolution = info.default_resolution
     generator = torch.Generator().manual_seed(seed)
     return pm.hook.generate_images(
         pipeline=pipeline,

@@ -44,7 +44,7 @@ def tiny_config(arch: str, model, data, output, **overrides):
         learning_rate=1e-3,
         rank=4,
         seed=0,
-        num_threads=2,
+        num_threads=1,  # tiny models: one thread is fastest, and test workers run side by side
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -410,7 +410,10 @@ class _Kandinsky22:
         embeds = pipeline.prior_pipe(
             list(prompts), num_inference_steps=num_inference_steps, guidance_scale=scale, generator=generator
         )
-        return pipeline.decoder_pipe(
+        decoder = pipeline.decoder_pipe
+        if resolution is None:  # the decoder's native size
+            resolution = decoder.unet.config.sample_size * decoder.movq_scale_factor
+        return decoder(
             image_embeds=embeds.image_embeds,
             negative_image_embeds=embeds.negative_image_embeds,
             height=resolution,

@@ -389,11 +389,11 @@ def generate_images(pipeline, prompts, generator, num_inference_steps, resolutio
     # (N*N text rows for N image embeddings) and fails. The decoder needs far fewer steps
     # than the prior (diffusers' default: 12). A list of generators holds one per prompt.
     images = []
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
     for i, prompt in enumerate(prompts):
         images += pipeline(
             prompt,
-            height=resolution,
-            width=resolution,
+            **size,
             prior_num_inference_steps=num_inference_steps,
             num_inference_steps=min(12, num_inference_steps),
             prior_guidance_scale=4.0 if guidance_scale is None else guidance_scale,

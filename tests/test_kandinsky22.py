@@ -276,4 +276,6 @@ def test_one_generator_per_prompt_gives_per_image_seeds(models):
 
     both = images(["a red circle", "a blue square"], [0, 1])
     alone = images(["a blue square"], [1])
-    assert len(both) == 2 and np.array_equal(np.asarray(both[1]), np.asarray(alone[0]))
+    # batched and single inference may round differently in the last bit of a pixel
+    diff = np.abs(np.asarray(both[1]).astype(int) - np.asarray(alone[0]).astype(int))
+    assert len(both) == 2 and diff.max() <= 2, diff.max()
