@@ -52,8 +52,6 @@ def tiny_config(arch: str, model, data, output, **overrides):
 
 def lora_deltas(module) -> dict:
     """``{layer name: scale * B @ A}`` for every LoRA layer of ``module`` (all adapters summed)."""
-    import torch
-
     out = {}
     for name, layer in module.named_modules():
         if not hasattr(layer, "lora_A") or len(getattr(layer, "lora_A")) == 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,8 +313,6 @@ class Trainer:
         return total / n
 
     def run(self) -> TrainResult:
-        import torch
-
         config, accelerator = self.config, self.accelerator
         accum = config.gradient_accumulation
         stream = self.micro_batches(self.global_step * accum)

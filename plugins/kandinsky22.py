@@ -40,6 +40,7 @@ from pathlib import Path
 from lorakit.arch import ArchInfo
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
+from lorakit.pipelines import tokenize
 
 log = logging.getLogger("lorakit")
 
@@ -642,13 +643,7 @@ class Prior(_Kandinsky22):
     @hookimpl
     def encode_prompt(self, components, captions):
         tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-        tokens = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = tokenize(tokenizer, captions)
         out = text_encoder(tokens.input_ids.to(text_encoder.device))
         return {
             "prompt_embeds": out.text_embeds,

@@ -105,9 +105,9 @@ def encode_images(components, pixel_values, batch):
 @hookimpl
 def encode_prompt(components, captions):
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    ids = tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
+    from lorakit.pipelines import tokenize
+
+    ids = tokenize(tokenizer, captions).input_ids.to(text_encoder.device)
     return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
 
 
@@ -171,9 +171,10 @@ def load_pipeline(model_path, device, dtype):
 
 @hookimpl
 def load_lora(pipeline, path, adapter_name):
-    path = Path(path)
-    folder, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
-    pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    from lorakit.pipelines import lora_file
+
+    folder, weight_name = lora_file(path)
+    pipeline.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
 
 
 @hookimpl

@@ -23,6 +23,7 @@ from pathlib import Path
 from lorakit.arch import ArchInfo
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
+from lorakit.pipelines import tokenize
 
 PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline",
@@ -200,13 +201,7 @@ def encode_prompt(components, captions):
     hidden = []
     for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         tokenizer, encoder = components[tok_name], components[enc_name]
-        ids = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(encoder.device)
+        ids = tokenize(tokenizer, captions).input_ids.to(encoder.device)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     pooled = out.text_embeds  # the second encoder's pooled output, through its projection
@@ -289,9 +284,10 @@ def load_pipeline(model_path, device, dtype):
 
 @hookimpl
 def load_lora(pipeline, path, adapter_name):
-    path = Path(path)
-    folder, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
-    pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    from lorakit.pipelines import lora_file
+
+    folder, weight_name = lora_file(path)
+    pipeline.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
 
 
 @hookimpl

@@ -34,6 +34,7 @@ from pathlib import Path
 from lorakit.arch import ArchInfo
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
+from lorakit.pipelines import tokenize
 
 PIPELINE_CLASSES = {"WuerstchenPriorPipeline"}
 PRIOR_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -198,13 +199,7 @@ def encode_images(components, pixel_values, batch):
 @hookimpl
 def encode_prompt(components, captions):
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    tokens = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    tokens = tokenize(tokenizer, captions)
     # The prior pipeline passes the attention mask at inference; training conditions the same way.
     out = text_encoder(
         tokens.input_ids.to(text_encoder.device), attention_mask=tokens.attention_mask.to(text_encoder.device)
@@ -373,9 +368,10 @@ def _prior_pipe(pipeline):
 
 @hookimpl
 def load_lora(pipeline, path, adapter_name):
-    path = Path(path)
-    folder, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
-    _prior_pipe(pipeline).load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    from lorakit.pipelines import lora_file
+
+    folder, weight_name = lora_file(path)
+    _prior_pipe(pipeline).load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
 
 
 @hookimpl

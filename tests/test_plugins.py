@@ -6,7 +6,6 @@ import re
 import types
 from pathlib import Path
 
-import pluggy
 import pytest
 
 from lorakit import hookspecs, plugins
