@@ -83,9 +83,13 @@ class Trainer:
         others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
         check_model_matches(model_path, config.arch, pm, others)
         self.model_path = model_path
-        components = pm.hook.load_components(
-            model_path=model_path, config=config, device=self.device, weight_dtype=self.weight_dtype
-        )
+        try:
+            components = pm.hook.load_components(
+                model_path=model_path, config=config, device=self.device, weight_dtype=self.weight_dtype
+            )
+        except OSError as exc:  # a missing or damaged weight/config file inside the folder
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LorakitError(f"--model {config.model} could not be loaded: {first}; re-download it.") from None
         for value in components.values():
             if isinstance(value, torch.nn.Module):
                 value.requires_grad_(False)
@@ -314,14 +318,48 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
-        accum = config.gradient_accumulation
-        stream = self.micro_batches(self.global_step * accum)
-        bad_steps = 0
+        stream = self.micro_batches(self.global_step * config.gradient_accumulation)
         progress = self.progress
         if progress is not None and accelerator.is_main_process:
             progress.start(total=config.max_steps, completed=self.global_step)
         started = time.perf_counter()
+        try:
+            self._train_steps(stream, progress)
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        if progress is not None and accelerator.is_main_process:
+            progress.finish()
+        self._check_processes_agree()
+        weights = self.save_final()
+        log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
+        return TrainResult(self.output_dir, weights, self.global_step, self.losses)
+
+    def _save_on_interrupt(self):
+        """Ctrl-C: keep the work done. The optimizer and weights are those of the last finished
+        step; the RNG states go back to where that step ended, so resuming is still exact."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.progress is not None and self.accelerator.is_main_process:
+            self.progress.finish()
+        if self.global_step == 0 or (self.output_dir / f"checkpoint-{self.global_step}").is_dir():
+            return
+        generator_state, torch_state = self._step_start_rng
+        self.generator.set_state(generator_state)
+        torch.set_rng_state(torch_state)
+        if self.accelerator.is_main_process:
+            path = checkpoints.save(self, self.output_dir, self.global_step, self.config.checkpoints_limit)
+            log.warning("interrupted at step %d; saved %s", self.global_step, path)
+
+    def _train_steps(self, stream, progress):
+        import torch
+
+        config, accelerator = self.config, self.accelerator
+        accum = config.gradient_accumulation
+        bad_steps = 0
         while self.global_step < config.max_steps:
+            self._step_start_rng = (self.generator.get_state(), torch.get_rng_state())
             step_loss, step_metrics = 0.0, {}
             for _ in range(accum):
                 epoch, indices = next(stream)
@@ -367,12 +405,6 @@ class Trainer:
                 and accelerator.is_main_process
             ):
                 self.save_samples()
-        if progress is not None and accelerator.is_main_process:
-            progress.finish()
-        self._check_processes_agree()
-        weights = self.save_final()
-        log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
-        return TrainResult(self.output_dir, weights, self.global_step, self.losses)
 
     def _check_processes_agree(self):
         """With several processes every copy of the LoRA must be identical (gradients are

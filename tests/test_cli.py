@@ -212,3 +212,14 @@ def test_every_cli_option_is_in_the_reference():
         for param in command.params:
             if isinstance(param, TyperOption):
                 assert f"`{param.opts[0]}`" in text, f"docs/cli.md lacks {name} {param.opts[0]}"
+
+
+def test_damaged_model_folder(sd15, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15, broken)
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.unlink()
+    r = run(*train_args(broken, example_data(), tmp_path / "out"))
+    assert_one_line_error(r, "could not be loaded", "re-download")

@@ -157,3 +157,43 @@ def test_validation_samples_under_bf16(model, tmp_path):
     Trainer(tiny_config("sd15", model, example_data(), out, max_steps=1, mixed_precision="bf16",
                         validation_prompt="a red circle", validation_every=1)).setup().run()
     assert (out / "samples" / "step-000001-0.png").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(model, tmp_path):
+    """Interrupted in the middle of an accumulation step, the run keeps its finished steps,
+    and resuming gives the same adapter as never stopping."""
+    import lorakit_plugins.sd15 as sd15
+
+    calls = {"n": 0}
+    flaky = types.ModuleType("flaky_arch")
+    for name in dir(sd15):
+        obj = getattr(sd15, name)
+        if callable(obj) and hasattr(obj, "lorakit_impl"):
+            setattr(flaky, name, obj)
+
+    @hookimpl
+    def compute_loss(components, batch, config, generator):
+        calls["n"] += 1
+        if calls["n"] == 8:  # step 4's second micro-batch
+            raise KeyboardInterrupt
+        return sd15.compute_loss(components, batch, config, generator)
+
+    flaky.compute_loss = compute_loss
+    plugins.register("sd15-flaky", flaky)
+    try:
+        settings = dict(max_steps=6, gradient_accumulation=2, random_flip=True, dropout=0.1)
+        straight = Trainer(tiny_config("sd15-flaky", model, example_data(), tmp_path / "a", **settings))
+        calls["n"] = -1000
+        straight = straight.setup().run()
+
+        calls["n"] = 0
+        out = tmp_path / "b"
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(tiny_config("sd15-flaky", model, example_data(), out, **settings)).setup().run()
+        assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+        calls["n"] = -1000
+        resumed = Trainer(tiny_config("sd15-flaky", model, example_data(), out, **settings, resume="latest")).setup().run()
+    finally:
+        plugins.unregister("sd15-flaky")
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
