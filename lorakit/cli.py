@@ -110,7 +110,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local diffusers model folder."),
     data: Optional[str] = typer.Option(None, "--data", help="Image folder (metadata.jsonl or .txt captions) or dataset."),
     output: Optional[Path] = typer.Option(None, "--output", help="Folder for the LoRA, checkpoints and config."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Replacement VAE (hub id or folder), e.g. an fp16-safe one."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Replacement image encoder (the VAE or the arch's equivalent), hub id or folder; see docs/archs."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or YAML file of options; flags win."),
     caption_column: Optional[str] = typer.Option(None, help="Caption column of metadata.jsonl / dataset [text]."),
     image_column: Optional[str] = typer.Option(None, help="Image column of a dataset [image]."),

@@ -28,7 +28,7 @@ class TrainConfig:
     data: str | None = None
     output: str = ""
 
-    # replacement VAE (hub id or folder), e.g. an fp16-safe one; the arch decides its use
+    # replacement image encoder (a VAE, e.g. an fp16-safe one, or the arch's equivalent); the arch decides
     vae: str | None = None
 
     # data
