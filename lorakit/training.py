@@ -381,6 +381,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.lr_scheduler.step()
             self.global_step += 1
+            # the step is finished: a Ctrl-C from here on (checkpoint, samples) must save the RNG
+            # as it is now, as a regular checkpoint would, not as it was when the step began
+            self._step_start_rng = (self.generator.get_state(), torch.get_rng_state())
             if not finite:
                 bad_steps += 1
                 log.warning("step %d: loss is %s; update skipped", self.global_step, step_loss)

@@ -197,3 +197,28 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(model, tmp_path):
         plugins.unregister("sd15-flaky")
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_while_writing_samples_resumes_exactly(model, tmp_path, monkeypatch):
+    """Interrupted after a step finished (here: while writing sample images), the saved
+    checkpoint holds the RNG state of the end of that step, as a regular checkpoint does."""
+    interrupt_at = {"step": None}
+
+    def save_samples(self):
+        if self.global_step == interrupt_at["step"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_samples", save_samples)
+    settings = dict(max_steps=5, random_flip=True, validation_prompt="a red circle", validation_every=1)
+    straight = Trainer(tiny_config("sd15", model, example_data(), tmp_path / "a", **settings)).setup().run()
+
+    out = tmp_path / "b"
+    interrupt_at["step"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config("sd15", model, example_data(), out, **settings)).setup().run()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    interrupt_at["step"] = None
+    resumed = Trainer(tiny_config("sd15", model, example_data(), out, **settings, resume="latest")).setup().run()
+    assert resumed.losses == straight.losses[3:]
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
