@@ -138,7 +138,9 @@ def _fingerprint(config) -> dict:
     return {k: data.get(k) for k in RESUME_MUST_MATCH}
 
 
-def save(trainer, output_dir: Path, step: int, limit: int | None) -> Path:
+def save(trainer, output_dir: Path, step: int, limit: int | None, process_rng=None) -> Path:
+    """Write ``checkpoint-<step>``. ``process_rng``: every process's ``(generator, torch)``
+    RNG states when there are several (only the main process writes)."""
     import torch
     from safetensors.torch import save_file
 
@@ -157,6 +159,9 @@ def save(trainer, output_dir: Path, step: int, limit: int | None) -> Path:
     torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"generator": trainer.generator.get_state(), "torch": torch.get_rng_state()}
+    for rank, (generator_state, torch_state) in enumerate(process_rng or []):
+        if rank:
+            rng[f"generator.{rank}"], rng[f"torch.{rank}"] = generator_state, torch_state
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
@@ -164,6 +169,7 @@ def save(trainer, output_dir: Path, step: int, limit: int | None) -> Path:
     scaler = getattr(trainer.accelerator, "scaler", None)
     state = {
         "global_step": step,
+        "num_processes": trainer.accelerator.num_processes,
         "config": _fingerprint(trainer.config),
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
@@ -203,8 +209,18 @@ def load(path: Path, trainer) -> dict:
     trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
     rng = load_file(str(path / "rng_state.safetensors"))
-    trainer.generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    saved_world = state.get("num_processes", world)
+    if saved_world != world and rank == 0:
+        log.warning(
+            "%s was written by %d process(es), this run has %d: the data order and noise differ "
+            "from the interrupted run from here on", path, saved_world, world,
+        )
+    suffix = f".{rank}" if rank else ""
+    if f"generator{suffix}" not in rng:
+        suffix = ""  # no state saved for this process: continue from the main process's
+    trainer.generator.set_state(rng[f"generator{suffix}"])
+    torch.set_rng_state(rng[f"torch{suffix}"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if len(cuda) == torch.cuda.device_count():

@@ -428,12 +428,27 @@ class Trainer:
         return lora.lora_layers(self.components, self.lora_configs)
 
     def save_checkpoint(self) -> Path | None:
+        process_rng = self._gather_rng_states()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        path = checkpoints.save(self, self.output_dir, self.global_step, self.config.checkpoints_limit)
+        path = checkpoints.save(
+            self, self.output_dir, self.global_step, self.config.checkpoints_limit, process_rng=process_rng
+        )
         self._say(f"saved {path}")
         return path
+
+    def _gather_rng_states(self):
+        """Every process's ``(generator, torch)`` RNG states, in process order, when there are
+        several: each process draws its own noise, so a resume must give each its own back."""
+        import torch
+
+        if self.accelerator.num_processes == 1:
+            return None
+        generator, cpu = self.generator.get_state(), torch.get_rng_state()
+        mine = torch.cat([generator, cpu]).unsqueeze(0).to(self.device)
+        everyone = self.accelerator.gather(mine).to("cpu")
+        return [(row[: generator.numel()].clone(), row[generator.numel() :].clone()) for row in everyone]
 
     def save_final(self) -> Path:
         self.accelerator.wait_for_everyone()
