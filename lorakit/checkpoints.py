@@ -21,6 +21,8 @@ log = logging.getLogger("lorakit")
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_CONFIG = "lorakit_config.json"
+#: Where the model card goes when --output already has a README.md that lorakit did not write.
+CARD_FALLBACK = "lorakit_model_card.md"
 STATE_FILE = "training_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Config fields that must match for a resume to continue the same run.
@@ -58,11 +60,20 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def _earlier_run_artifacts(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
-    names = [output_dir / WEIGHT_NAME, output_dir / RUN_CONFIG, output_dir / "samples"]
+    names = [output_dir / WEIGHT_NAME, output_dir / RUN_CONFIG, output_dir / "samples", output_dir / CARD_FALLBACK]
     card = output_dir / "README.md"
-    if card.is_file() and "trained with lorakit" in card.read_text(errors="replace"):
+    if _is_lorakit_card(card):
         names.append(card)
     return [p for p in names if p.exists()] + list_checkpoints(output_dir)
+
+
+def _is_lorakit_card(path: Path) -> bool:
+    return path.is_file() and "trained with lorakit" in path.read_text(errors="replace")
+
+
+def _resumes_from_elsewhere(output_dir: Path, resume: str) -> bool:
+    """``--resume`` names a checkpoint outside ``--output`` (a run to continue into a new folder)."""
+    return resume != "latest" and Path(resume).expanduser().resolve().parent != output_dir.resolve()
 
 
 def check_output_dir(output_dir: Path, config) -> Path | None:
@@ -92,6 +103,13 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
             raise LorakitError(
                 f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'."
             )
+        earlier = _earlier_run_artifacts(output_dir)
+        if _resumes_from_elsewhere(output_dir, resume) and earlier and not config.overwrite:
+            # continuing a run from elsewhere would write over the other run held in --output
+            raise LorakitError(
+                f"--output {output_dir} holds another run ({earlier[0].name}) than --resume {resume}; "
+                "choose an empty --output, or pass --overwrite to replace that run's files."
+            )
         return path
     earlier = _earlier_run_artifacts(output_dir)
     if earlier and not config.overwrite:
@@ -103,13 +121,14 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
 
 
 def clear_earlier_run(output_dir: Path, config) -> None:
-    """With ``--overwrite`` (and no resume), remove lorakit's own files of an earlier run.
+    """With ``--overwrite`` (and no resume of this folder's own run), remove lorakit's own files
+    of an earlier run.
 
     Called only once the new run has loaded its model and data, so a run that fails on a
     bad input never costs the user the earlier one. Files lorakit did not write stay.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    if config.resume or not config.overwrite:
+    if not config.overwrite or (config.resume and not _resumes_from_elsewhere(output_dir, config.resume)):
         return
     earlier = _earlier_run_artifacts(output_dir)
     for p in earlier:
@@ -249,4 +268,8 @@ Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Load it with
 `lorakit generate --arch {config.arch} --model {config.model} --lora {WEIGHT_NAME} --prompt "..."`
 or, where the pipeline supports it, `pipeline.load_lora_weights(folder, weight_name="{WEIGHT_NAME}")`.
 """
-    (output_dir / "README.md").write_text(text)
+    card = output_dir / "README.md"
+    if card.exists() and not _is_lorakit_card(card):  # the user's own README stays as it is
+        card = output_dir / CARD_FALLBACK
+        log.info("%s/README.md is not a lorakit model card; wrote the card to %s", output_dir, card.name)
+    card.write_text(text)

@@ -223,3 +223,26 @@ def test_damaged_model_folder(sd15, tmp_path):
         f.unlink()
     r = run(*train_args(broken, example_data(), tmp_path / "out"))
     assert_one_line_error(r, "could not be loaded", "re-download")
+
+
+def test_users_own_files_in_output_are_never_overwritten(sd15, tmp_path):
+    """A README.md that lorakit did not write stays (the card goes beside it), and a run
+    continued from another folder's checkpoint does not write over the run held in --output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    assert run(*train_args(sd15, example_data(), out, "--checkpoint-every", "1")).exit_code == 0
+    assert (out / "README.md").read_text() == "my notes\n"
+    assert "trained with lorakit" in (out / "lorakit_model_card.md").read_text()
+
+    other = tmp_path / "other"
+    assert run(*train_args(sd15, example_data(), other, "--max-steps", "1")).exit_code == 0
+    before = (other / "pytorch_lora_weights.safetensors").read_bytes()
+    r = run(*train_args(sd15, example_data(), other, "--resume", out / "checkpoint-1"))
+    assert_one_line_error(r, "holds another run", "--overwrite")
+    assert (other / "pytorch_lora_weights.safetensors").read_bytes() == before
+    # into an empty folder it continues; with --overwrite the other run's files are replaced
+    assert run(*train_args(sd15, example_data(), tmp_path / "new", "--resume", out / "checkpoint-1")).exit_code == 0
+    r = run(*train_args(sd15, example_data(), other, "--resume", out / "checkpoint-1", "--overwrite"))
+    assert r.exit_code == 0, r.output
+    assert (other / "pytorch_lora_weights.safetensors").read_bytes() != before
