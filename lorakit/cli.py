@@ -245,6 +245,10 @@ def generate(
     from lorakit.inference import parse_lora_spec
 
     def go():
+        from PIL import Image
+
+        if output.suffix.lower() not in Image.registered_extensions():
+            raise LorakitError(f"--output {output} has no image file extension PIL can write; use .png or .jpg.")
         specs = [parse_lora_spec(s) for s in lora]
         targets = [output] if len(prompt) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(prompt))]
         existing = [t for t in targets if t.exists()]

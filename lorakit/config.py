@@ -135,8 +135,32 @@ def read_config_file(path: str | Path) -> dict:
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise LorakitError(f"config file {path}: unknown option '{key}'. See `lorakit train --help`.")
-        out[name] = value
+        out[name] = _checked_value(path, key, FIELDS[name].type, value)
     return out
+
+
+def _checked_value(path, key, annotation: str, value):
+    """A config-file value of the field's type (an int is a fine float), or one error line."""
+    kinds = {part.strip() for part in str(annotation).split("|")}
+    if value is None and "None" in kinds:
+        return value
+    if "bool" in kinds:
+        ok, want = isinstance(value, bool), "true or false"
+    elif "int" in kinds:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif "float" in kinds:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif "list[str]" in kinds:
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        want = "a list of names (or one comma-separated string)"
+        if ok and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise LorakitError(f"config file {path}: '{key}' must be {want}, got {value!r}.")
+    return value
 
 
 def build_config(cli_values: dict, config_file: str | None = None) -> TrainConfig:

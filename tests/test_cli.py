@@ -246,3 +246,19 @@ def test_users_own_files_in_output_are_never_overwritten(sd15, tmp_path):
     r = run(*train_args(sd15, example_data(), other, "--resume", out / "checkpoint-1", "--overwrite"))
     assert r.exit_code == 0, r.output
     assert (other / "pytorch_lora_weights.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("line, needle", [('rank = "abc"', "'rank' must be a whole number"),
+                                          ("max-steps = 2.5", "'max-steps' must be a whole number"),
+                                          ("random-flip = 1", "'random-flip' must be true or false"),
+                                          ("target-modules = 3", "'target-modules' must be a list")])
+def test_config_file_value_of_the_wrong_type(sd15, tmp_path, line, needle):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(line + "\n")
+    r = run(*train_args(sd15, example_data(), tmp_path / "out", "--config", cfg))
+    assert_one_line_error(r, needle)
+
+
+def test_generate_refuses_an_output_that_is_not_an_image_file(sd15, tmp_path):
+    r = run("generate", "--arch", "sd15", "--model", sd15, "--prompt", "x", "--output", tmp_path / "out.txt")
+    assert_one_line_error(r, "--output", ".png")
