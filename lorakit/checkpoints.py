@@ -71,6 +71,16 @@ def _is_lorakit_card(path: Path) -> bool:
     return path.is_file() and "trained with lorakit" in path.read_text(errors="replace")
 
 
+def _newer_checkpoints(output_dir: Path, checkpoint: Path) -> list[Path]:
+    """Checkpoints in ``output_dir`` later than ``checkpoint`` when that one belongs to it."""
+    if checkpoint.expanduser().resolve().parent != output_dir.resolve():
+        return []
+    match = CHECKPOINT_RE.match(checkpoint.name)
+    if not match:
+        return []
+    return [c for c in list_checkpoints(output_dir) if _step_of(c) > int(match.group(1))]
+
+
 def _resumes_from_elsewhere(output_dir: Path, resume: str) -> bool:
     """``--resume`` names a checkpoint outside ``--output`` (a run to continue into a new folder)."""
     return resume != "latest" and Path(resume).expanduser().resolve().parent != output_dir.resolve()
@@ -103,6 +113,13 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
             raise LorakitError(
                 f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'."
             )
+        newer = _newer_checkpoints(output_dir, path)
+        if newer and not config.overwrite:
+            # later checkpoints of this run would be pruned or picked as "latest" by mistake
+            raise LorakitError(
+                f"--output {output_dir} holds {newer[-1].name}, newer than --resume {path.name}; pass "
+                "--overwrite to remove the newer checkpoints, or resume into another --output."
+            )
         earlier = _earlier_run_artifacts(output_dir)
         if _resumes_from_elsewhere(output_dir, resume) and earlier and not config.overwrite:
             # continuing a run from elsewhere would write over the other run held in --output
@@ -128,6 +145,10 @@ def clear_earlier_run(output_dir: Path, config) -> None:
     bad input never costs the user the earlier one. Files lorakit did not write stay.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite and config.resume and config.resume != "latest":
+        for newer in _newer_checkpoints(output_dir, Path(config.resume).expanduser()):
+            shutil.rmtree(newer)
+            log.info("--overwrite: removed %s (newer than the resumed checkpoint)", newer.name)
     if not config.overwrite or (config.resume and not _resumes_from_elsewhere(output_dir, config.resume)):
         return
     earlier = _earlier_run_artifacts(output_dir)
@@ -193,14 +214,28 @@ def save(trainer, output_dir: Path, step: int, limit: int | None, process_rng=No
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    # Swap in the new folder before deleting an old one of the same step: a crash in
+    # between leaves one complete checkpoint, never none.
+    aside = output_dir / f".checkpoint-{step}.old"
     if final.exists():
-        shutil.rmtree(final)
+        if aside.exists():
+            shutil.rmtree(aside)
+        final.rename(aside)
     tmp.rename(final)
+    if aside.exists():
+        shutil.rmtree(aside)
     if limit:
-        for old in list_checkpoints(output_dir)[:-limit]:
+        # Only checkpoints older than the one just written count against the limit; the
+        # new one is never pruned.
+        older = [c for c in list_checkpoints(output_dir) if _step_of(c) < step]
+        for old in older[: max(0, len(older) - (limit - 1))]:
             shutil.rmtree(old)
             log.info("removed %s (--checkpoints-limit %d)", old.name, limit)
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))
 
 
 def load(path: Path, trainer) -> dict:

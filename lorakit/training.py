@@ -345,6 +345,13 @@ class Trainer:
             self.progress.finish()
         if self.global_step == 0 or (self.output_dir / f"checkpoint-{self.global_step}").is_dir():
             return
+        if getattr(self, "_updating", False):
+            log.warning("interrupted during a weight update; the newest regular checkpoint stays the latest")
+            return
+        if self.accelerator.num_processes > 1:
+            # the other processes' RNG states cannot be gathered safely once they are interrupted
+            log.warning("interrupted; with several processes the newest regular checkpoint stays the latest")
+            return
         generator_state, torch_state = self._step_start_rng
         self.generator.set_state(generator_state)
         torch.set_rng_state(torch_state)
@@ -369,10 +376,13 @@ class Trainer:
                 step_loss += float(loss.detach()) / accum
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
+            self._updating = True
             if accelerator.num_processes > 1:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
+                # the gradients are shared, so every process must take the same skip decision
+                step_loss = float(accelerator.reduce(torch.tensor([step_loss], device=self.device), reduction="mean"))
             finite = math.isfinite(step_loss)
             if finite or config.mixed_precision == "fp16":
                 if config.max_grad_norm:
@@ -384,6 +394,7 @@ class Trainer:
             # the step is finished: a Ctrl-C from here on (checkpoint, samples) must save the RNG
             # as it is now, as a regular checkpoint would, not as it was when the step began
             self._step_start_rng = (self.generator.get_state(), torch.get_rng_state())
+            self._updating = False
             if not finite:
                 bad_steps += 1
                 log.warning("step %d: loss is %s; update skipped", self.global_step, step_loss)

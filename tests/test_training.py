@@ -222,3 +222,14 @@ def test_ctrl_c_while_writing_samples_resumes_exactly(model, tmp_path, monkeypat
     assert resumed.losses == straight.losses[3:]
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_an_older_checkpoint_never_loses_newer_ones_silently(model, tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_config("sd15", model, example_data(), out, max_steps=4, checkpoint_every=2)).setup().run()
+    with pytest.raises(LorakitError, match="holds checkpoint-4, newer than --resume checkpoint-2"):
+        Trainer(tiny_config("sd15", model, example_data(), out, max_steps=4, resume=str(out / "checkpoint-2"))).setup()
+    assert (out / "checkpoint-4").is_dir()
+    Trainer(tiny_config("sd15", model, example_data(), out, max_steps=6, checkpoint_every=2, checkpoints_limit=1,
+                        resume=str(out / "checkpoint-2"), overwrite=True)).setup().run()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
