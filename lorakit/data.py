@@ -330,10 +330,26 @@ def caption_dropped(seed: int, epoch: int, key: str, probability: float) -> bool
     return random.Random(int.from_bytes(digest, "little")).random() < probability
 
 
-def prepare_image(image, resolution: int, augment: Augment):
-    """Resize the short side to ``resolution``, crop square, maybe flip.
+def crop_geometry(width: int, height: int, size: tuple[int, int], augment: Augment):
+    """Where an image of ``width x height`` is cut to ``size = (w, h)``: resized to cover it,
+    then cropped at the augment's position. Returns ``((new_w, new_h), (top, left))``, the
+    crop's ``left`` as seen after the augment's flip."""
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    new_w = max(target_w, round(width * scale))
+    new_h = max(target_h, round(height * scale))
+    top = int(round((new_h - target_h) * augment.crop_jitter))
+    left = int(round((new_w - target_w) * augment.crop_jitter))
+    if augment.flip:
+        left = new_w - target_w - left  # where the crop sits in the flipped image
+    return (new_w, new_h), (top, left)
 
-    Returns ``(pixel_values, original_size, crop_top_left)``: a ``(3, R, R)`` float tensor
+
+def prepare_image(image, resolution: int, augment: Augment, size: tuple[int, int] | None = None):
+    """Resize to cover ``size = (width, height)`` (default: ``resolution`` square, i.e. the
+    short side becomes ``resolution``), crop, maybe flip.
+
+    Returns ``(pixel_values, original_size, crop_top_left)``: a ``(3, H, W)`` float tensor
     in ``[-1, 1]``, the image's ``(height, width)`` before resizing, and the crop's
     ``(top, left)`` in resized pixels (some archs condition on both).
     """
@@ -342,18 +358,15 @@ def prepare_image(image, resolution: int, augment: Augment):
     from PIL import Image
 
     image = image.convert("RGB")
+    size = size or (resolution, resolution)
     original_size = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    new_w = max(resolution, round(image.width * scale))
-    new_h = max(resolution, round(image.height * scale))
+    (new_w, new_h), (top, left) = crop_geometry(image.width, image.height, size, Augment(crop_jitter=augment.crop_jitter))
     if (new_w, new_h) != (image.width, image.height):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top = int(round((new_h - resolution) * augment.crop_jitter))
-    left = int(round((new_w - resolution) * augment.crop_jitter))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + size[0], top + size[1]))
     if augment.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = new_w - resolution - left  # where the crop sits in the flipped image
+        left = new_w - size[0] - left  # where the crop sits in the flipped image
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels, original_size, (top, left)
