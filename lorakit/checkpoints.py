@@ -37,6 +37,7 @@ RESUME_MUST_MATCH = (
     "gradient_accumulation",
     "seed",
     "resolution",
+    "buckets",
     "mixed_precision",
     "init_lora_weights",
     "modes",

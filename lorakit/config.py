@@ -36,6 +36,7 @@ class TrainConfig:
     image_column: str | None = None
     resolution: int | None = None
     center_crop: bool = True
+    buckets: bool = False  # aspect-ratio buckets instead of square crops, see lorakit.buckets
     random_flip: bool = False
     caption_dropout: float = 0.0
     cache: bool = True

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints
+from lorakit import buckets, checkpoints
 from lorakit.config import TrainConfig, validate
-from lorakit.data import augment_for, caption_dropped, prepare_image
+from lorakit.data import Augment, augment_for, caption_dropped, crop_geometry, prepare_image
 from lorakit.errors import LorakitError
 
 log = logging.getLogger("lorakit")
@@ -99,6 +99,14 @@ class Trainer:
         )
 
         self.dataset = pm.hook.build_dataset(config=config, components=components, pm=pm)
+        self._image_sizes: dict = {}
+        if config.buckets:
+            if self.dataset.group_size > 1:
+                raise LorakitError(
+                    f"--buckets needs one image per example, but this run's examples group "
+                    f"{self.dataset.group_size} (e.g. DreamBooth pairs); drop --buckets."
+                )
+            self._say(buckets.summary([self.size_of(e[0]) for e in self.dataset.examples]))
 
         targets = pm.hook.target_modules(config=config, components=components)
         torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
@@ -166,6 +174,10 @@ class Trainer:
         world, rank = self._world()
         bs = self.config.batch_size
         global_batch = bs * world
+        if self.config.buckets:
+            sizes = [self.size_of(e[0]) for e in self.dataset.examples]
+            chunks = buckets.bucketed_batches(sizes, global_batch, self.config.seed, epoch)
+            return [chunk[rank * bs : (rank + 1) * bs] for chunk in chunks]
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
         while len(order) < global_batch:
@@ -175,6 +187,19 @@ class Trainer:
             chunk = order[b * global_batch : (b + 1) * global_batch]
             batches.append(chunk[rank * bs : (rank + 1) * bs])
         return batches
+
+    def size_of(self, sample) -> tuple[int, int]:
+        """The ``(width, height)`` a sample is trained at: its bucket, or the square."""
+        if not self.config.buckets:
+            return (self.resolution, self.resolution)
+        if not hasattr(self, "_bucket_list"):
+            self._bucket_list = buckets.make_buckets(self.resolution)
+        return buckets.nearest_bucket(*self._image_size(sample), self._bucket_list)
+
+    def _image_size(self, sample) -> tuple[int, int]:
+        if sample.key not in self._image_sizes:
+            self._image_sizes[sample.key] = sample.open().size
+        return self._image_sizes[sample.key]
 
     def micro_batches(self, start_micro: int):
         """Endless stream of ``(epoch, indices)`` from micro-batch number ``start_micro`` on."""
@@ -198,14 +223,17 @@ class Trainer:
             flips = (False, True) if self.config.random_flip else (False,)
             todo = [(s, f) for s in samples for f in flips]
             self._progress_note(f"caching {len(todo)} image encodings")
-            for i in range(0, len(todo), CACHE_CHUNK):
-                chunk = todo[i : i + CACHE_CHUNK]
-                from lorakit.data import Augment
-
-                prepared = [prepare_image(s.open(), self.resolution, Augment(flip=f)) for s, f in chunk]
-                encoded = self._encode_images(prepared)
-                for j, (s, f) in enumerate(chunk):
-                    self.image_cache[(s.key, f)] = {k: v[j].to("cpu") for k, v in encoded.items()}
+            by_size: dict = {}  # images of different sizes cannot be stacked: encode per bucket
+            for s, f in todo:
+                by_size.setdefault(self.size_of(s), []).append((s, f))
+            for size in sorted(by_size):
+                group = by_size[size]
+                for i in range(0, len(group), CACHE_CHUNK):
+                    chunk = group[i : i + CACHE_CHUNK]
+                    prepared = [self._prepare(s, Augment(flip=f)) for s, f in chunk]
+                    encoded = self._encode_images(prepared)
+                    for j, (s, f) in enumerate(chunk):
+                        self.image_cache[(s.key, f)] = {k: v[j].to("cpu") for k, v in encoded.items()}
         if self.cache_prompts:
             captions = sorted({s.caption for s in samples} | ({""} if self.config.caption_dropout else set()))
             for i in range(0, len(captions), CACHE_CHUNK):
@@ -215,14 +243,18 @@ class Trainer:
                 for j, caption in enumerate(chunk):
                     self.prompt_cache[caption] = {k: v[j].detach().to("cpu") for k, v in encoded.items()}
 
+    def _prepare(self, sample, augment):
+        """``(pixels, original (h, w), crop (top, left), target (h, w))`` of one sample."""
+        size = self.size_of(sample)
+        return (*prepare_image(sample.open(), self.resolution, augment, size), (size[1], size[0]))
+
     def _meta(self, prepared):
         import torch
 
-        res = self.resolution
         return {
             "original_size": torch.tensor([p[1] for p in prepared], dtype=torch.long, device=self.device),
             "crop_top_left": torch.tensor([p[2] for p in prepared], dtype=torch.long, device=self.device),
-            "target_size": torch.tensor([(res, res)] * len(prepared), dtype=torch.long, device=self.device),
+            "target_size": torch.tensor([p[3] for p in prepared], dtype=torch.long, device=self.device),
         }
 
     def _encode_images(self, prepared):
@@ -243,9 +275,9 @@ class Trainer:
         if self.cache_images and all((s.key, a.flip) in self.image_cache for s, a in zip(samples, augments)):
             encoded = [self.image_cache[(s.key, a.flip)] for s, a in zip(samples, augments)]
             images = {k: torch.stack([e[k] for e in encoded]).to(self.device) for k in encoded[0]}
-            meta = self._meta([(None, *self._cached_geometry(s, a)) for s, a in zip(samples, augments)])
+            meta = self._meta([self._cached_geometry(s, a) for s, a in zip(samples, augments)])
         else:
-            prepared = [prepare_image(s.open(), self.resolution, a) for s, a in zip(samples, augments)]
+            prepared = [self._prepare(s, a) for s, a in zip(samples, augments)]
             images = self._encode_images(prepared)
             meta = self._meta(prepared)
         captions = [
@@ -265,20 +297,11 @@ class Trainer:
         return batch
 
     def _cached_geometry(self, sample, augment):
-        if not hasattr(self, "_geometry"):
-            self._geometry = {}
-        if sample.key not in self._geometry:
-            img = sample.open()
-            h, w = img.height, img.width
-            scale = self.resolution / min(w, h)
-            new_w, new_h = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
-            top = int(round((new_h - self.resolution) * 0.5))
-            left = int(round((new_w - self.resolution) * 0.5))
-            self._geometry[sample.key] = ((h, w), (top, left), new_w)
-        size, (top, left), new_w = self._geometry[sample.key]
-        if augment.flip:
-            left = new_w - self.resolution - left
-        return size, (top, left)
+        """What :meth:`_prepare` returns for a cached (centre-cropped) image, without pixels."""
+        w, h = self._image_size(sample)
+        size = self.size_of(sample)
+        _, crop = crop_geometry(w, h, size, augment)
+        return None, (h, w), crop, (size[1], size[0])
 
     # ------------------------------------------------------------------ steps
     def loss_on(self, batch, generator):
@@ -298,7 +321,14 @@ class Trainer:
         import torch
 
         dataset = self.dataset if dataset is None else dataset
-        indices = list(range(len(dataset)))
+        by_size: dict = {}  # one size per batch (a single group unless --buckets)
+        for i, example in enumerate(dataset.examples):
+            by_size.setdefault(self.size_of(example[0]), []).append(i)
+        bs = self.config.batch_size
+        chunks = []
+        for size in sorted(by_size):
+            ids = by_size[size]
+            chunks += [ids[i : i + bs] for i in range(0, len(ids), bs)]
         generator = torch.Generator().manual_seed(seed)
         trained = [self.components[n] for n in self.lora_configs]
         for module in trained:
@@ -307,8 +337,8 @@ class Trainer:
         try:
             with torch.no_grad():
                 for _ in range(repeats):
-                    for i in range(0, len(indices), self.config.batch_size):
-                        batch = self.make_batch(0, indices[i : i + self.config.batch_size], dataset)
+                    for indices in chunks:
+                        batch = self.make_batch(0, indices, dataset)
                         loss, _ = self.loss_on(batch, generator)
                         total, n = total + float(loss), n + 1
         finally:
