@@ -180,3 +180,16 @@ def test_sdxl_time_ids_carry_the_bucket(lorakit_tiny_model, mixed_data, tmp_path
         rows |= {tuple(r) for r in add_time_ids(trainer.make_batch(0, indices)).long().tolist()}
     assert rows == {(64, 96, 2, 0, 48, 80), (96, 64, 0, 2, 80, 48), (64, 64, 0, 0, 64, 64)}
     assert all(math.isfinite(l) for l in trainer.run().losses)
+
+
+def test_cli_flag_turns_buckets_on(lorakit_tiny_model, mixed_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    out = tmp_path / "out"
+    args = ["train", "--arch", "sd15", "--model", str(lorakit_tiny_model("sd15")), "--data", str(mixed_data),
+            "--output", str(out), "--max-steps", "1", "--resolution", "64", "--num-threads", "1", "--buckets"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "lorakit_config.json").read_text())["buckets"] is True
