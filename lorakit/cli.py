@@ -124,7 +124,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train [1000]."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch per device [1]."),
     gradient_accumulation: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
-    resolution: Optional[int] = typer.Option(None, help="Square training size in pixels [the model's native]."),
+    resolution: Optional[int] = typer.Option(None, help="Training size in pixels: the square side, or with --buckets the target area's side [the model's native]."),
     center_crop: Optional[bool] = typer.Option(None, "--center-crop/--random-crop", help="Crop position [center]."),
     random_flip: Optional[bool] = typer.Option(None, "--random-flip", help="Flip images left-right at random."),
     buckets: Optional[bool] = typer.Option(None, "--buckets", help="Aspect-ratio buckets: train near each image's own shape, not square."),

@@ -356,3 +356,20 @@ def test_arch_that_cannot_generate_says_so(tmp_path, lorakit_tiny_model):
         assert Trainer(config).setup().run().weights.is_file()
     finally:
         unregister("nopipe")
+
+
+def test_buckets_are_refused_with_a_clear_line(tmp_path, lorakit_tiny_model):
+    from lorakit.errors import LorakitError
+    from lorakit.testing import example_data, tiny_config
+    from lorakit.training import Trainer
+
+    import shutil
+
+    shutil.copytree(example_data(), tmp_path / "class")
+    config = tiny_config(
+        "sd15", lorakit_tiny_model("sd15"), None, tmp_path / "out", modes=["dreambooth"], buckets=True,
+        instance_data=str(example_data()), instance_prompt="a photo of sks shape",
+        class_prompt="a photo of a shape", class_data=str(tmp_path / "class"), num_class_images=2,
+    )
+    with pytest.raises(LorakitError, match="--buckets needs one image per example.*drop --buckets"):
+        Trainer(config).setup()
