@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,7 +420,11 @@ class Trainer:
                     accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped (non-finite) first step makes torch warn about the call order; the
+                # schedule advances anyway so it stays aligned with the step count on resume
+                warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
+                self.lr_scheduler.step()
             self.global_step += 1
             # the step is finished: a Ctrl-C from here on (checkpoint, samples) must save the RNG
             # as it is now, as a regular checkpoint would, not as it was when the step began
