@@ -266,6 +266,27 @@ def generate(
         typer.echo(f"wrote {t}")
 
 
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="lorakit LoRA: a .safetensors file or a training output folder."),
+    target: Path = typer.Argument(..., help="The .safetensors file to write."),
+    arch: str = typer.Option(..., "--arch", help="Architecture the LoRA was trained for."),
+    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+):
+    """Convert a lorakit LoRA to another tool's format (kohya-style keys)."""
+    _quiet_libraries()
+
+    def go():
+        if to != "kohya":
+            raise LorakitError(f"--to {to} is not a known format; the only one is kohya.")
+        from lorakit.convert import convert_to_kohya
+
+        return convert_to_kohya(arch, source, target, overwrite=overwrite)
+
+    typer.echo(f"wrote {_run(go)}")
+
+
 def main():
     app()
 

@@ -179,6 +179,20 @@ def generate_images(pipeline, prompts, generator, num_inference_steps, resolutio
 
 
 @hookspec(firstresult=True)
+def kohya_prefixes():
+    """The kohya-style key prefix of each component that can carry LoRA.
+
+    Returns ``{component_name: prefix}``, or ``None`` if the arch has no kohya convention
+    (then ``lorakit convert --to kohya`` refuses it). A LoRA layer at module path ``P`` of
+    the component is written as ``<prefix>_<P with '.' replaced by '_'>`` with
+    ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``. Include in the prefix any
+    module path that the kohya reference model has above the component's own modules
+    (e.g. ``"lora_te_text_model"`` for a CLIP text encoder of transformers >= 5).
+    Must not import torch.
+    """
+
+
+@hookspec(firstresult=True)
 def write_tiny_model(path, seed):
     """Write a tiny randomly initialised model of this arch to ``path``.
 

@@ -135,6 +135,13 @@ def save_lora(components, lora_layers, output_dir, weight_name):
     StableDiffusionPipeline.save_lora_weights(str(output_dir), weight_name=weight_name, **kwargs)
 
 
+@hookimpl
+def kohya_prefixes():
+    # kohya's names follow transformers 4's CLIPTextModel, which wrapped the encoder in
+    # `text_model`; transformers 5 (which lorakit pins) dropped that level, so it goes in the prefix.
+    return {"unet": "lora_unet", "text_encoder": "lora_te_text_model"}
+
+
 def _inference_scheduler(path: Path):
     import json
 

@@ -251,6 +251,13 @@ def save_lora(components, lora_layers, output_dir, weight_name):
     StableDiffusionXLPipeline.save_lora_weights(str(output_dir), weight_name=weight_name, **kwargs)
 
 
+@hookimpl
+def kohya_prefixes():
+    # kohya's names follow transformers 4, where both CLIP encoders had a `text_model` level;
+    # transformers 5 dropped it from CLIPTextModel only (CLIPTextModelWithProjection keeps it).
+    return {"unet": "lora_unet", "text_encoder": "lora_te1_text_model", "text_encoder_2": "lora_te2"}
+
+
 def _inference_scheduler(path: Path):
     import diffusers
 
