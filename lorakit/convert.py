@@ -15,24 +15,13 @@ import re
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.pipelines import resolve_lora_file
 
 METADATA_KEY = "lora_adapter_metadata"
 # Kept under another name in the kohya file: diffusers reads `lora_adapter_metadata` as the
 # config of PEFT-named keys and then refuses the kohya file's alphas.
 KOHYA_METADATA_KEY = "lorakit_adapter_metadata"
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _LORA_KEY = re.compile(r"^(?P<component>[^.]+)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-
-
-def _input_file(path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / WEIGHT_NAME
-    if not path.is_file():
-        raise LorakitError(f"{path} does not exist; pass a lorakit .safetensors file or a training output folder.")
-    if path.suffix != ".safetensors":
-        raise LorakitError(f"{path} is not a .safetensors file; lorakit never unpickles weight files.")
-    return path
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -118,7 +107,7 @@ def convert_to_kohya(arch: str, source, target, overwrite: bool = False) -> Path
 
     from lorakit.plugins import get_plugin_manager
 
-    source = _input_file(source)
+    source = resolve_lora_file(source)
     target = Path(target).expanduser()
     if target.suffix != ".safetensors":
         raise LorakitError(f"{target} must end in .safetensors; kohya-style tools read safetensors files.")

@@ -124,7 +124,9 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _file_opener(path: Path):
+def file_opener(path: Path):
+    """A loader that decodes the image file when called (kept lazy: datasets can be large)."""
+
     def open_image():
         from PIL import Image
 
@@ -149,7 +151,7 @@ def _from_sidecars(folder: Path) -> list[Sample]:
             f"add {missing[0].with_suffix('.txt').name} beside each image, or a metadata.jsonl."
         )
     return [
-        Sample(str(p.resolve()), p.with_suffix(".txt").read_text(encoding="utf-8").strip(), _file_opener(p))
+        Sample(str(p.resolve()), p.with_suffix(".txt").read_text(encoding="utf-8").strip(), file_opener(p))
         for p in images
     ]
 
@@ -212,7 +214,7 @@ def _from_metadata(folder: Path, caption_column: str | None) -> list[Sample]:
         caption = row[column]
         if isinstance(caption, list):  # several captions per image: the first one
             caption = caption[0] if caption else ""
-        samples.append(Sample(str(path.resolve()), str(caption or ""), _file_opener(path)))
+        samples.append(Sample(str(path.resolve()), str(caption or ""), file_opener(path)))
     return samples
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.errors import LorakitError, PluginError
+from lorakit.errors import PluginError
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -17,16 +17,9 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
             path = head
         except ValueError:
             pass
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise LorakitError(f"--lora {path} does not exist; pass a .safetensors file or a training output folder.")
-    if p.is_dir():
-        p = p / "pytorch_lora_weights.safetensors"
-        if not p.is_file():
-            raise LorakitError(f"--lora {path} holds no pytorch_lora_weights.safetensors; pass the file itself.")
-    if p.suffix != ".safetensors":
-        raise LorakitError(f"--lora {path} is not a .safetensors file; lorakit never unpickles weight files.")
-    return p, scale
+    from lorakit.pipelines import resolve_lora_file
+
+    return resolve_lora_file(path, what="--lora"), scale
 
 
 def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, float]], device=None, dtype=None):

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from lorakit.checkpoints import WEIGHT_NAME
+from lorakit.errors import LorakitError
+
+
+def resolve_lora_file(path, what: str = "LoRA") -> Path:
+    """The ``.safetensors`` file of a LoRA given as a file or a training output folder.
+
+    Refuses (one line) a missing path, a folder without lorakit's weight file, and any
+    other format: lorakit never unpickles a file a user hands in.
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise LorakitError(f"{what} {path} does not exist; pass a .safetensors file or a training output folder.")
+    if file.is_dir():
+        file = file / WEIGHT_NAME
+        if not file.is_file():
+            raise LorakitError(f"{what} {path} holds no {WEIGHT_NAME}; pass the file itself.")
+    if file.suffix != ".safetensors":
+        raise LorakitError(f"{what} {path} is not a .safetensors file; lorakit never unpickles weight files.")
+    return file
 
 
 def lora_file(path) -> tuple[str, str]:
     """``(folder, weight_name)`` for a LoRA given as a file or as a training output folder,
     the two arguments diffusers' loaders want (offline they need ``weight_name``)."""
-    path = Path(path)
-    if path.is_dir():
-        return str(path), WEIGHT_NAME
-    return str(path.parent), path.name
+    file = resolve_lora_file(path)
+    return str(file.parent), file.name
+
+
+def scheduler_from_folder(model_path, fallback: str):
+    """The inference scheduler a diffusers model folder names in ``scheduler/`` (``fallback``,
+    a diffusers class name, when that class is unknown to the installed diffusers)."""
+    import diffusers
+
+    path = Path(model_path)
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config.get("_class_name", ""), None) or getattr(diffusers, fallback)
+    return cls.from_pretrained(path, subfolder="scheduler")
 
 
 def tokenize(tokenizer, captions):

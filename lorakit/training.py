@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit import buckets, checkpoints
+from lorakit.checkpoints import WEIGHT_NAME
 from lorakit.config import TrainConfig, validate
 from lorakit.data import Augment, augment_for, caption_dropped, crop_geometry, prepare_image
 from lorakit.errors import LorakitError
 
 log = logging.getLogger("lorakit")
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CACHE_CHUNK = 8
 MAX_BAD_STEPS = 5
 

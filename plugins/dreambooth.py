@@ -27,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+from lorakit.data import file_opener
 from lorakit.errors import LorakitError, PluginError
 from lorakit.hookspecs import hookimpl
 
@@ -173,23 +174,12 @@ def image_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------- dataset
 
 
-def _opener(path: Path):
-    def open_image():
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-
-    return open_image
-
-
 def _samples(paths: list[Path], caption: str, prior: int):
     from lorakit.data import Sample, check_readable
 
     # The key is the resolved path, as for plain --data folders: the same image gets the
     # same augmentation and caption dropout in both kinds of run.
-    samples = [Sample(str(p.resolve()), caption, _opener(p), {PRIOR_KEY: prior}) for p in paths]
+    samples = [Sample(str(p.resolve()), caption, file_opener(p), {PRIOR_KEY: prior}) for p in paths]
     return check_readable(samples) if samples else samples
 
 
@@ -263,7 +253,7 @@ def ensure_class_images(config, components, pm, class_dir: Path) -> list[Path]:
 def _readable(paths: list[Path]) -> list[Path]:
     from lorakit.data import Sample, check_readable
 
-    good = check_readable([Sample(str(p), "", _opener(p)) for p in paths])
+    good = check_readable([Sample(str(p), "", file_opener(p)) for p in paths])
     keep = {s.key for s in good}
     return [p for p in paths if str(p) in keep]
 

@@ -38,15 +38,15 @@ import os
 from pathlib import Path
 
 from lorakit.arch import ArchInfo
+from lorakit.checkpoints import WEIGHT_NAME
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
-from lorakit.pipelines import tokenize
+from lorakit.pipelines import resolve_lora_file, tokenize
 
 log = logging.getLogger("lorakit")
 
 __all__ = ["decoder", "prior", "load_lora_into", "clip_pixel_values", "WEIGHT_NAME"]
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DECODER_PIPELINES = ("KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline")
 PRIOR_PIPELINES = ("KandinskyV22PriorPipeline", "KandinskyV22PriorEmb2EmbPipeline")
 DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
@@ -76,7 +76,7 @@ def load_lora_into(pipeline, path, adapter_name: str = "default") -> list[str]:
 
     Returns which models received the adapter: ``["unet"]`` or ``["prior"]``.
     """
-    file = _lora_file(path)
+    file = resolve_lora_file(path)
     loaded = []
     for prefix in _lora_prefixes(file):
         model = _lora_model(pipeline, prefix)
@@ -94,17 +94,6 @@ def load_lora_into(pipeline, path, adapter_name: str = "default") -> list[str]:
         model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=adapter_name)
         loaded.append(prefix)
     return loaded
-
-
-def _lora_file(path) -> Path:
-    file = Path(path).expanduser()
-    if file.is_dir():
-        file = file / WEIGHT_NAME
-    if not file.is_file():
-        raise LorakitError(f"LoRA {path} does not exist; pass a lorakit output folder or its {WEIGHT_NAME}.")
-    if file.suffix != ".safetensors":
-        raise LorakitError(f"LoRA {path} is not a .safetensors file; lorakit never unpickles weight files.")
-    return file
 
 
 def _lora_prefixes(file: Path) -> list[str]:

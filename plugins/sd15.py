@@ -11,6 +11,7 @@ from pathlib import Path
 from lorakit.arch import ArchInfo
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
+from lorakit.pipelines import scheduler_from_folder
 
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline",
@@ -142,16 +143,6 @@ def kohya_prefixes():
     return {"unet": "lora_unet", "text_encoder": "lora_te_text_model"}
 
 
-def _inference_scheduler(path: Path):
-    import json
-
-    import diffusers
-
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, config.get("_class_name", ""), None) or diffusers.DDIMScheduler
-    return cls.from_pretrained(path, subfolder="scheduler")
-
-
 @hookimpl
 def build_pipeline(components, config):
     from diffusers import StableDiffusionPipeline
@@ -161,7 +152,7 @@ def build_pipeline(components, config):
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
         unet=components["unet"],
-        scheduler=_inference_scheduler(components["model_path"]),
+        scheduler=scheduler_from_folder(components["model_path"], fallback="DDIMScheduler"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

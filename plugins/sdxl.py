@@ -23,7 +23,7 @@ from pathlib import Path
 from lorakit.arch import ArchInfo
 from lorakit.errors import LorakitError
 from lorakit.hookspecs import hookimpl
-from lorakit.pipelines import tokenize
+from lorakit.pipelines import scheduler_from_folder, tokenize
 
 PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline",
@@ -258,14 +258,6 @@ def kohya_prefixes():
     return {"unet": "lora_unet", "text_encoder": "lora_te1_text_model", "text_encoder_2": "lora_te2"}
 
 
-def _inference_scheduler(path: Path):
-    import diffusers
-
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, config.get("_class_name", ""), None) or diffusers.EulerDiscreteScheduler
-    return cls.from_pretrained(path, subfolder="scheduler")
-
-
 @hookimpl
 def build_pipeline(components, config):
     from diffusers import StableDiffusionXLPipeline
@@ -277,7 +269,7 @@ def build_pipeline(components, config):
         tokenizer=components["tokenizer"],
         tokenizer_2=components["tokenizer_2"],
         unet=components["unet"],
-        scheduler=_inference_scheduler(components["model_path"]),
+        scheduler=scheduler_from_folder(components["model_path"], fallback="EulerDiscreteScheduler"),
     )
 
 

@@ -23,6 +23,19 @@ def model(tmp_path_factory):
     return make_tiny_model("sd15", tmp_path_factory.mktemp("loop") / "model")
 
 
+def _sd15_with(compute_loss):
+    """The SD1.5 plugin with its compute_loss replaced (a fault-injecting arch for tests)."""
+    import lorakit_plugins.sd15 as sd15
+
+    arch = types.ModuleType("sd15_variant")
+    for name in dir(sd15):
+        obj = getattr(sd15, name)
+        if callable(obj) and hasattr(obj, "lorakit_impl"):
+            setattr(arch, name, obj)
+    arch.compute_loss = compute_loss
+    return arch
+
+
 def weights(result):
     return load_file(str(result.weights))
 
@@ -119,18 +132,11 @@ def test_non_finite_loss_stops_with_a_clear_message(model, tmp_path):
     """A loss that goes NaN never updates the weights and stops the run after a few steps."""
     import lorakit_plugins.sd15 as sd15
 
-    nan_arch = types.ModuleType("nan_arch")
-    for name in dir(sd15):
-        obj = getattr(sd15, name)
-        if callable(obj) and hasattr(obj, "lorakit_impl"):
-            setattr(nan_arch, name, obj)
-
     @hookimpl
     def compute_loss(components, batch, config, generator):
         return sd15.compute_loss(components, batch, config, generator) * float("nan")
 
-    nan_arch.compute_loss = compute_loss
-    plugins.register("sd15-nan", nan_arch)
+    plugins.register("sd15-nan", _sd15_with(compute_loss))
     try:
         trainer = Trainer(tiny_config("sd15-nan", model, example_data(), tmp_path / "o", max_steps=20)).setup()
         before = {k: v.clone() for k, v in trainer.lora_layers()["unet"][0].items()}
@@ -165,11 +171,6 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(model, tmp_path):
     import lorakit_plugins.sd15 as sd15
 
     calls = {"n": 0}
-    flaky = types.ModuleType("flaky_arch")
-    for name in dir(sd15):
-        obj = getattr(sd15, name)
-        if callable(obj) and hasattr(obj, "lorakit_impl"):
-            setattr(flaky, name, obj)
 
     @hookimpl
     def compute_loss(components, batch, config, generator):
@@ -178,8 +179,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(model, tmp_path):
             raise KeyboardInterrupt
         return sd15.compute_loss(components, batch, config, generator)
 
-    flaky.compute_loss = compute_loss
-    plugins.register("sd15-flaky", flaky)
+    plugins.register("sd15-flaky", _sd15_with(compute_loss))
     try:
         settings = dict(max_steps=6, gradient_accumulation=2, random_flip=True, dropout=0.1)
         straight = Trainer(tiny_config("sd15-flaky", model, example_data(), tmp_path / "a", **settings))
