@@ -1,86 +1,30 @@
-"""Noise-prediction training math shared by DDPM-style arch plugins.
+"""Moved: the DDPM training math now lives in :mod:`lorakit.objectives.ddpm`.
 
-Plain functions over tensors and a diffusers noise scheduler; they know no architecture.
-All randomness comes from the CPU generator the core hands to ``compute_loss``.
+This module stays so that plugins written against ``lorakit.diffusion`` keep working;
+it re-exports the same functions (the very same objects, so results are identical).
+New code should import from ``lorakit.objectives.ddpm``.
 """
 
 from __future__ import annotations
 
+from lorakit.objectives.ddpm import (
+    apply_prediction_type,
+    compute_snr,
+    denoising_loss,
+    min_snr_weights,
+    per_sample_mse,
+    sample_noise,
+    sample_timesteps,
+    target_for,
+)
 
-def apply_prediction_type(scheduler, prediction_type: str | None) -> None:
-    """Train for ``prediction_type`` (epsilon / v_prediction) instead of the scheduler's default."""
-    if prediction_type is not None:
-        scheduler.register_to_config(prediction_type=prediction_type)
-
-
-def sample_noise(latents, generator, noise_offset: float = 0.0):
-    """Gaussian noise like ``latents``; with ``noise_offset`` a per-channel offset is added
-    (lets the model learn very dark or bright images)."""
-    import torch
-
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    if noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1]) + (1,) * (latents.ndim - 2), generator=generator)
-        noise = noise + noise_offset * offset.to(latents.device, latents.dtype)
-    return noise
-
-
-def sample_timesteps(scheduler, batch_size: int, generator, device):
-    import torch
-
-    steps = scheduler.config.num_train_timesteps
-    return torch.randint(0, steps, (batch_size,), generator=generator).to(device).long()
-
-
-def compute_snr(scheduler, timesteps):
-    """Signal-to-noise ratio of each timestep (Hang et al., 2023, min-SNR weighting)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device).float()
-    alpha = alphas_cumprod[timesteps] ** 0.5
-    sigma = (1.0 - alphas_cumprod[timesteps]) ** 0.5
-    return (alpha / sigma) ** 2
-
-
-def target_for(scheduler, latents, noise, timesteps):
-    pred_type = scheduler.config.prediction_type
-    if pred_type == "epsilon":
-        return noise
-    if pred_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if pred_type == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction type {pred_type}")
-
-
-def per_sample_mse(prediction, target):
-    import torch.nn.functional as F
-
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    return loss.reshape(loss.shape[0], -1).mean(dim=1)
-
-
-def min_snr_weights(scheduler, timesteps, snr_gamma: float):
-    """Per-sample loss weights min(SNR, gamma)/SNR (or /(SNR+1) for v-prediction)."""
-    import torch
-
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
-
-
-def denoising_loss(model_fn, latents, scheduler, config, generator):
-    """The standard epsilon / v-prediction objective, per sample.
-
-    ``model_fn(noisy_latents, timesteps) -> prediction``. Applies noise offset and
-    min-SNR weighting from ``config``.
-    """
-    noise = sample_noise(latents, generator, config.noise_offset)
-    timesteps = sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = model_fn(noisy, timesteps)
-    target = target_for(scheduler, latents, noise, timesteps)
-    loss = per_sample_mse(prediction, target)
-    if config.snr_gamma:
-        loss = loss * min_snr_weights(scheduler, timesteps, config.snr_gamma)
-    return loss
+__all__ = [
+    "apply_prediction_type",
+    "compute_snr",
+    "denoising_loss",
+    "min_snr_weights",
+    "per_sample_mse",
+    "sample_noise",
+    "sample_timesteps",
+    "target_for",
+]
