@@ -1,14 +1,32 @@
 """lorakit: train LoRA adapters for text-to-image diffusion models.
 
-The Python API mirrors the CLI: ``lorakit.train(TrainConfig(...))``. Importing lorakit
-does not import torch; that happens when a run starts.
+The Python API mirrors the CLI: ``lorakit.train(TrainConfig(...))``. What a plugin author
+needs is importable from here: ``hookimpl``, ``ArchInfo``, the ``Arch`` and
+``DiffusersArch`` base classes and ``Option``. Importing lorakit does not import torch;
+that happens when a run starts.
 """
 
+from lorakit.arch import ArchInfo
+from lorakit.archbase import Arch, DiffusersArch
 from lorakit.config import TrainConfig
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, PluginError
+from lorakit.hookspecs import hookimpl
+from lorakit.options import Option
 
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "LorakitError", "train", "generate", "__version__"]
+__all__ = [
+    "Arch",
+    "ArchInfo",
+    "DiffusersArch",
+    "LorakitError",
+    "Option",
+    "PluginError",
+    "TrainConfig",
+    "generate",
+    "hookimpl",
+    "train",
+    "__version__",
+]
 
 
 def train(config, progress=None):

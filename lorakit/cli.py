@@ -104,121 +104,20 @@ def tiny(
     typer.echo(f"wrote a tiny {arch} model to {path}")
 
 
-@app.command()
-def train(
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture id (see `lorakit list-archs`)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id or local diffusers model folder."),
-    data: Optional[str] = typer.Option(None, "--data", help="Image folder (metadata.jsonl or .txt captions) or dataset."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Folder for the LoRA, checkpoints and config."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Replacement image encoder (the VAE or the arch's equivalent), hub id or folder; see docs/archs."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or YAML file of options; flags win."),
-    caption_column: Optional[str] = typer.Option(None, help="Caption column of metadata.jsonl / dataset [text]."),
-    image_column: Optional[str] = typer.Option(None, help="Image column of a dataset [image]."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank [4]."),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha [= rank]."),
-    lora_dropout: Optional[float] = typer.Option(None, help="Dropout on the LoRA path [0]."),
-    target_modules: Optional[str] = typer.Option(None, help="Comma-separated layer names for the denoiser's LoRA."),
-    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder", help="Also train text-encoder LoRA."),
-    text_encoder_lr: Optional[float] = typer.Option(None, help="Learning rate of text-encoder LoRA [= --learning-rate]."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Learning rate [1e-4]."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train [1000]."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch per device [1]."),
-    gradient_accumulation: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
-    resolution: Optional[int] = typer.Option(None, help="Training size in pixels: the square side, or with --buckets the target area's side [the model's native]."),
-    center_crop: Optional[bool] = typer.Option(None, "--center-crop/--random-crop", help="Crop position [center]."),
-    random_flip: Optional[bool] = typer.Option(None, "--random-flip", help="Flip images left-right at random."),
-    buckets: Optional[bool] = typer.Option(None, "--buckets", help="Aspect-ratio buckets: train near each image's own shape, not square."),
-    caption_dropout: Optional[float] = typer.Option(None, help="Probability of training on an empty caption [0]."),
-    seed: Optional[int] = typer.Option(None, help="Seed for everything random [0]."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 [no]. LoRA weights stay fp32."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory."),
-    lr_scheduler: Optional[str] = typer.Option(None, help="constant | constant_with_warmup | linear | cosine | ... [constant]."),
-    lr_warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps of the LR schedule [0]."),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Clip gradients to this norm; 0 disables [1.0]."),
-    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR loss weighting gamma (5.0 is common) [off]."),
-    noise_offset: Optional[float] = typer.Option(None, help="Noise offset (0.05-0.1 helps dark/bright images) [0]."),
-    prediction_type: Optional[str] = typer.Option(None, help="epsilon | v_prediction [the model's]."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Save checkpoint-N every N steps."),
-    checkpoints_limit: Optional[int] = typer.Option(None, help="Keep only the newest N checkpoints."),
-    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder to continue from."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier run in --output."),
-    no_cache: Optional[bool] = typer.Option(None, "--no-cache", help="Encode images and captions every step."),
-    validation_prompt: Optional[str] = typer.Option(None, help="Prompt for sample images during training."),
-    validation_every: Optional[int] = typer.Option(None, help="Write sample images every N steps."),
-    num_threads: Optional[int] = typer.Option(None, help="CPU threads for torch [torch's default]."),
-    dreambooth: Optional[bool] = typer.Option(None, "--dreambooth", help="DreamBooth with prior preservation."),
-    instance_data: Optional[str] = typer.Option(None, help="DreamBooth: folder of subject images."),
-    instance_prompt: Optional[str] = typer.Option(None, help="DreamBooth: prompt naming the subject."),
-    class_data: Optional[str] = typer.Option(None, help="DreamBooth: folder of class images (generated if short)."),
-    class_prompt: Optional[str] = typer.Option(None, help="DreamBooth: prompt of the class."),
-    num_class_images: Optional[int] = typer.Option(None, help="DreamBooth: class images wanted [100]."),
-    prior_loss_weight: Optional[float] = typer.Option(None, help="DreamBooth: weight of the prior loss [1.0]."),
-    repeats: Optional[int] = typer.Option(None, help="DreamBooth: repeats of each instance image [1]."),
-):
+def train(**values):
     """Train a LoRA."""
     _quiet_libraries()
     _setup_logging()
     from lorakit.config import build_config
 
-    values = dict(
-        arch=arch,
-        model=model,
-        data=data,
-        output=str(output) if output else None,
-        vae=vae,
-        caption_column=caption_column,
-        image_column=image_column,
-        rank=rank,
-        alpha=alpha,
-        dropout=lora_dropout,
-        target_modules=target_modules,
-        train_text_encoder=train_text_encoder,
-        text_encoder_lr=text_encoder_lr,
-        learning_rate=learning_rate,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        gradient_accumulation=gradient_accumulation,
-        resolution=resolution,
-        center_crop=center_crop,
-        random_flip=random_flip,
-        buckets=buckets,
-        caption_dropout=caption_dropout,
-        seed=seed,
-        mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing,
-        lr_scheduler=lr_scheduler,
-        lr_warmup_steps=lr_warmup_steps,
-        max_grad_norm=max_grad_norm,
-        snr_gamma=snr_gamma,
-        noise_offset=noise_offset,
-        prediction_type=prediction_type,
-        checkpoint_every=checkpoint_every,
-        checkpoints_limit=checkpoints_limit,
-        resume=resume,
-        overwrite=overwrite,
-        cache=False if no_cache else None,
-        validation_prompt=validation_prompt,
-        validation_every=validation_every,
-        num_threads=num_threads,
-        modes=["dreambooth"] if dreambooth else None,
-        instance_data=instance_data,
-        instance_prompt=instance_prompt,
-        class_data=class_data,
-        class_prompt=class_prompt,
-        num_class_images=num_class_images,
-        prior_loss_weight=prior_loss_weight,
-        repeats=repeats,
-    )
+    config_file = values.pop("config_file", None)
+    modes = [m for m in _mode_flags() if values.pop(_mode_param(m), None)]
+    values["modes"] = modes or None
+    if values.get("output") is not None:
+        values["output"] = str(values["output"])
 
     def go():
         config = build_config(values, str(config_file) if config_file else None)
-        from lorakit.plugins import arch_entries
-
-        if config.arch not in arch_entries():
-            raise LorakitError(
-                f"unknown arch '{config.arch}'. Known archs: {', '.join(arch_entries()) or 'none'}. "
-                "See `lorakit list-archs`."
-            )
         from lorakit.progress import make_progress
         from lorakit.training import train as run_training
 
@@ -226,6 +125,78 @@ def train(
 
     result = _run(go)
     typer.echo(f"saved {result.weights} ({result.global_step} steps)")
+
+
+def _mode_param(mode: str) -> str:
+    return "mode_" + mode.replace("-", "_")
+
+
+def _mode_flags() -> dict:
+    """``{mode id: one-line help}`` of every installed mode (a broken one is left out)."""
+    from lorakit.plugins import mode_entries
+
+    out = {}
+    for mode, entry in mode_entries().items():
+        try:
+            plugin = entry.load()
+        except Exception:
+            continue
+        text = getattr(plugin, "description", None) or (plugin.__doc__ or "").strip().splitlines()[0:1]
+        out[mode] = text if isinstance(text, str) else (text[0] if text else f"Mode {mode}.")
+    return out
+
+
+def _train_parameters() -> list:
+    """``lorakit train``'s parameters, generated from the declared options of the core and of
+    every installed arch, objective and mode (one place per option)."""
+    import inspect
+    from typing import Optional as Opt
+
+    from lorakit.config import CORE_OPTIONS
+    from lorakit.plugins import all_options
+
+    python_type = {bool: bool, int: int, float: float, str: str, list: str}
+    seen, params = set(), []
+
+    def add(option):
+        if option.name in seen:
+            return
+        seen.add(option.name)
+        help_text = option.help.replace("[", "\\[") + f" \\[default: {option.shown_default()}]"
+        param = typer.Option(None, *option.cli_flags(), help=help_text, rich_help_panel=option.panel, show_default=False)
+        params.append(
+            inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param,
+                              annotation=Opt[python_type[option.type]])
+        )
+
+    for option in CORE_OPTIONS:
+        add(option)
+    params.append(inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Opt[Path],
+        default=typer.Option(None, "--config", help="TOML, YAML or JSON file of options (keys as the flags); flags win.",
+                             rich_help_panel="Run"),
+    ))
+    for mode, text in _mode_flags().items():
+        params.append(inspect.Parameter(
+            _mode_param(mode), inspect.Parameter.KEYWORD_ONLY, annotation=Opt[bool],
+            default=typer.Option(None, f"--{mode}", help=text.replace("[", "\\["), rich_help_panel="Modes"),
+        ))
+    for _owner, options in all_options():
+        for option in options:
+            add(option)
+    return params
+
+
+def _register_train():
+    import inspect
+
+    params = _train_parameters()
+    train.__signature__ = inspect.Signature(params)
+    train.__annotations__ = {p.name: p.annotation for p in params}
+    app.command("train")(train)
+
+
+_register_train()
 
 
 @app.command()

@@ -1,114 +1,159 @@
-"""TrainConfig: one validated object per run (CLI flags > config file > defaults)."""
+"""TrainConfig: one validated object per run (CLI flags > config file > defaults).
+
+The core's options are declared here, once (:data:`CORE_OPTIONS`); an arch adds its own
+(``ArchInfo.options``), its objective family its own (:mod:`lorakit.objectives`), and each
+mode its own (the ``declare_options`` hook). A run accepts exactly the options of its arch,
+objective and modes besides the core's; the CLI, config files and docs/cli.md are all
+generated from the same declarations.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.options import Option, by_name
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-LR_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+_RUN, _DATA, _LORA, _OPT, _CKPT, _SYS = "Run", "Data", "LoRA", "Optimisation", "Checkpoints and samples", "System"
+
+CORE_OPTIONS = (
+    Option("arch", str, "", "Architecture id (see `lorakit list-archs`).", panel=_RUN, resume=True, default_text="required"),
+    Option("model", str, "", "Hub id or local diffusers model folder.", panel=_RUN, default_text="required"),
+    Option("data", str, None, "Image folder (metadata.jsonl or .txt captions) or dataset.", panel=_RUN),
+    Option("output", str, "", "Folder for the LoRA, checkpoints and config.", panel=_RUN, default_text="required"),
+    Option("vae", str, None, "Replacement image encoder (the VAE or the arch's equivalent), hub id or folder; see docs/archs.",
+           panel=_RUN, default_text="the model's"),
+    Option("caption_column", str, None, "Caption column of metadata.jsonl / dataset.", panel=_DATA, default_text="text"),
+    Option("image_column", str, None, "Image column of a dataset.", panel=_DATA, default_text="image"),
+    Option("resolution", int, None, "Training size in pixels: the square side, or with --buckets the target area's side.",
+           minimum=8, panel=_DATA, resume=True, default_text="the model's native"),
+    Option("center_crop", bool, True, "Crop position: centre, or a random window per epoch.", panel=_DATA,
+           flags=("--center-crop/--random-crop",), default_text="center"),
+    Option("buckets", bool, False, "Aspect-ratio buckets: train near each image's own shape, not square.",
+           panel=_DATA, resume=True),
+    Option("random_flip", bool, False, "Flip images left-right at random.", panel=_DATA),
+    Option("caption_dropout", float, 0.0, "Probability of training on an empty caption.", minimum=0, maximum=1,
+           exclusive_maximum=True, panel=_DATA),
+    Option("cache", bool, True, "Encode images and captions once and cache them (--no-cache: every step).", panel=_DATA),
+    Option("num_workers", int, 0, "Data-loading worker processes.", minimum=0, panel=_DATA, aliases=("dataloader_workers",)),
+    Option("rank", int, 4, "LoRA rank.", minimum=1, panel=_LORA, resume=True),
+    Option("alpha", float, None, "LoRA alpha.", minimum=0, exclusive_minimum=True, panel=_LORA, resume=True,
+           default_text="= rank"),
+    Option("dropout", float, 0.0, "Dropout on the LoRA path.", minimum=0, maximum=1, exclusive_maximum=True,
+           panel=_LORA, resume=True, flags=("--lora-dropout",), aliases=("lora_dropout",)),
+    Option("target_modules", list, None, "Comma-separated layer names for the denoiser's LoRA.", panel=_LORA,
+           resume=True, default_text="the arch's"),
+    Option("train_text_encoder", bool, False, "Also train text-encoder LoRA.", panel=_LORA, resume=True),
+    Option("text_encoder_lr", float, None, "Learning rate of text-encoder LoRA.", minimum=0, exclusive_minimum=True,
+           panel=_LORA, default_text="= --learning-rate"),
+    Option("init_lora_weights", str, "gaussian", "Initialisation of the LoRA matrices.", choices=("gaussian", "default"),
+           panel=_LORA, resume=True),
+    Option("learning_rate", float, 1e-4, "Learning rate.", minimum=0, exclusive_minimum=True, panel=_OPT,
+           flags=("--learning-rate", "--lr"), aliases=("lr",)),
+    Option("adam_beta1", float, 0.9, "AdamW beta1.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
+    Option("adam_beta2", float, 0.999, "AdamW beta2.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
+    Option("adam_weight_decay", float, 1e-2, "AdamW weight decay.", minimum=0, panel=_OPT),
+    Option("adam_epsilon", float, 1e-8, "AdamW epsilon.", minimum=0, exclusive_minimum=True, panel=_OPT),
+    Option("max_steps", int, 1000, "Optimizer steps to train.", minimum=1, panel=_OPT),
+    Option("batch_size", int, 1, "Examples per micro-batch per device.", minimum=1, panel=_OPT, resume=True),
+    Option("gradient_accumulation", int, 1, "Micro-batches per optimizer step.", minimum=1, panel=_OPT, resume=True),
+    Option("lr_scheduler", str, "constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, panel=_OPT),
+    Option("lr_warmup_steps", int, 0, "Warm-up steps of the LR schedule.", minimum=0, panel=_OPT),
+    Option("max_grad_norm", float, 1.0, "Clip gradients to this norm; 0 disables.", minimum=0, panel=_OPT),
+    Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
+           panel=_OPT, resume=True),
+    Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_OPT),
+    Option("seed", int, 0, "Seed for everything random.", panel=_OPT, resume=True),
+    Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
+    Option("checkpoints_limit", int, None, "Keep only the newest N checkpoints.", minimum=1, panel=_CKPT,
+           default_text="all"),
+    Option("resume", str, None, "'latest' or a checkpoint folder to continue from.", panel=_CKPT),
+    Option("overwrite", bool, False, "Replace an earlier run in --output.", panel=_CKPT),
+    Option("validation_prompt", str, None, "Prompt for sample images during training.", panel=_CKPT),
+    Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_CKPT),
+    Option("num_threads", int, None, "CPU threads for torch.", minimum=1, panel=_SYS, default_text="torch's default"),
 )
+CORE = by_name(CORE_OPTIONS)
+#: Not options but part of every config: the active modes (the CLI's --<mode> flags).
+RUN_KEYS = ("modes",)
 
 
-@dataclass
 class TrainConfig:
-    arch: str = ""
-    model: str = ""
-    data: str | None = None
-    output: str = ""
+    """The options of one run, read as attributes (``config.learning_rate``).
 
-    # replacement image encoder (a VAE, e.g. an fp16-safe one, or the arch's equivalent); the arch decides
-    vae: str | None = None
+    Built from keyword arguments (any option of the core, the arch, its objective or a mode);
+    :func:`validate` fills the defaults of the run's declared options and refuses the rest.
+    """
 
-    # data
-    caption_column: str | None = None
-    image_column: str | None = None
-    resolution: int | None = None
-    center_crop: bool = True
-    buckets: bool = False  # aspect-ratio buckets instead of square crops, see lorakit.buckets
-    random_flip: bool = False
-    caption_dropout: float = 0.0
-    cache: bool = True
-    num_workers: int = 0
+    def __init__(self, **values):
+        modes = values.pop("modes", None)
+        given = {k: v for k, v in values.items() if v is not None}  # None: the default applies
+        data = {o.name: copy.copy(o.default) for o in CORE_OPTIONS}
+        data["modes"] = list(modes or [])
+        data.update(given)
+        object.__setattr__(self, "_values", data)
+        object.__setattr__(self, "_given", set(given))
 
-    # LoRA
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = None
-    init_lora_weights: str = "gaussian"
+    def __getattr__(self, name):
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"this run has no option '{name}' (not declared by the core, its arch or its modes)")
 
-    # optimisation
-    learning_rate: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    def __setattr__(self, name, value):
+        self._values[name] = value
 
-    # diffusion
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    prediction_type: str | None = None
+    def __eq__(self, other):
+        return isinstance(other, TrainConfig) and self._values == other._values
 
-    # checkpoints and outputs
-    checkpoint_every: int | None = None
-    checkpoints_limit: int | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    validation_prompt: str | None = None
-    validation_every: int | None = None
-    num_threads: int | None = None
+    def __repr__(self):
+        return f"TrainConfig({', '.join(f'{k}={v!r}' for k, v in sorted(self._values.items()))})"
 
-    # modes
-    modes: list[str] = field(default_factory=list)
-    # DreamBooth prior preservation (mode "dreambooth")
-    instance_data: str | None = None
-    instance_prompt: str | None = None
-    class_data: str | None = None
-    class_prompt: str | None = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    repeats: int = 1
-    class_generation_steps: int = 25
+    def given(self, name: str) -> bool:
+        """Whether the user set ``name`` (rather than its default applying)."""
+        return name in self._given
 
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return copy.deepcopy(self._values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# ---------------------------------------------------------------------------- the run's options
+
+
+def run_options(arch: str, modes=()) -> dict:
+    """``{name: Option}`` a run of ``arch`` with ``modes`` accepts (imports plugins, not torch)."""
+    from lorakit.objectives import options_for
+    from lorakit.plugins import arch_info, mode_options
+
+    info = arch_info(arch)
+    declared = list(CORE_OPTIONS) + list(options_for(info.objective)) + list(info.options)
+    for mode in modes:
+        declared += list(mode_options(mode))
+    return by_name(declared)
+
+
+def resume_keys(config) -> list[str]:
+    """The options a resumed run must share with its checkpoint (declared ``resume=True``)."""
+    try:
+        options = run_options(config.arch, config.modes)
+    except LorakitError:
+        options = CORE
+    return sorted([name for name, o in options.items() if o.resume] + ["modes"])
 
 
 def read_config_file(path: str | Path) -> dict:
-    """Read a TOML or YAML file of TrainConfig fields (dashes or underscores)."""
+    """Read a TOML or YAML file of options (keys as the flags spell them, dashes or underscores)."""
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"config file {path} does not exist; check the --config path.")
@@ -122,117 +167,103 @@ def read_config_file(path: str | Path) -> dict:
             import yaml
 
             raw = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            raw = json.loads(text)
         else:
-            raise LorakitError(f"config file {path} must end in .toml, .yaml or .yml.")
+            raise LorakitError(f"config file {path} must end in .toml, .yaml, .yml or .json.")
     except LorakitError:
         raise
     except Exception as exc:
         raise LorakitError(f"config file {path} could not be parsed: {exc}") from None
     if not isinstance(raw, dict):
         raise LorakitError(f"config file {path} must hold a table of options, not {type(raw).__name__}.")
-    raw = raw.get("train", raw) if isinstance(raw.get("train"), dict) else raw
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in FIELDS:
-            raise LorakitError(f"config file {path}: unknown option '{key}'. See `lorakit train --help`.")
-        out[name] = _checked_value(path, key, FIELDS[name].type, value)
-    return out
+    return raw.get("train", raw) if isinstance(raw.get("train"), dict) else raw
 
 
-def _checked_value(path, key, annotation: str, value):
-    """A config-file value of the field's type (an int is a fine float), or one error line."""
-    kinds = {part.strip() for part in str(annotation).split("|")}
-    if value is None and "None" in kinds:
-        return value
-    if "bool" in kinds:
-        ok, want = isinstance(value, bool), "true or false"
-    elif "int" in kinds:
-        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    elif "float" in kinds:
-        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
-    elif "list[str]" in kinds:
-        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        want = "a list of names (or one comma-separated string)"
-        if ok and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-    else:
-        ok, want = isinstance(value, str), "a string"
-    if not ok:
-        raise LorakitError(f"config file {path}: '{key}' must be {want}, got {value!r}.")
-    return value
+def _by_key(options: dict) -> dict:
+    return {key: o for o in options.values() for key in o.keys()}
 
 
 def build_config(cli_values: dict, config_file: str | None = None) -> TrainConfig:
     """Merge defaults < config file < explicitly given CLI values, then validate."""
     values = {}
     if config_file:
-        values.update(read_config_file(config_file))
+        values.update({("modes" if k == "modes" else k): v for k, v in read_config_file(config_file).items()})
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    config = TrainConfig(**values)
+    modes = values.pop("modes", None)
+    arch = values.get("arch")
+    if not arch:
+        raise LorakitError("no --arch given; choose one from `lorakit list-archs`.")
+    options = _by_key(run_options(arch, modes or ()))
+    named = {}
+    for key, value in values.items():
+        option = options.get(key)
+        if option is None:
+            raise LorakitError(unknown_option_message(key, arch, modes or (), where=f"config file {config_file}"))
+        named[option.name] = option.coerce(value, f"config file {config_file}" if config_file else "option")
+    config = TrainConfig(**named, modes=modes)
     validate(config)
     return config
 
 
+def unknown_option_message(key: str, arch: str, modes, where: str = "") -> str:
+    """One line for an option the run does not accept: whose option it is, if anyone's."""
+    from lorakit.plugins import declared_elsewhere
+
+    flag = "--" + key.replace("_", "-")
+    owner = declared_elsewhere(key.replace("-", "_"), arch, modes)
+    prefix = f"{where}: " if where and where != "config file None" else ""
+    if owner:
+        return f"{prefix}{flag} does not apply to --arch {arch}{' with ' + ', '.join(modes) if modes else ''} (it is an option of {owner}); drop it."
+    return f"{prefix}unknown option '{key}'. See `lorakit train --help`."
+
+
 def validate(config: TrainConfig) -> TrainConfig:
+    """Check every option of the run against its declaration, fill the defaults of the arch's,
+    objective's and modes' options, refuse options that do not apply, and ask the plugins'
+    ``check_config`` hooks, all before any model loads."""
+    from lorakit.plugins import get_plugin_manager
+
+    if not config.arch:
+        raise LorakitError("no --arch given; choose one from `lorakit list-archs`.")
+    options = run_options(config.arch, config.modes)
+    for name in list(config.to_dict()):
+        if name not in options and name not in RUN_KEYS:
+            raise LorakitError(unknown_option_message(name, config.arch, config.modes))
+    for name, option in options.items():
+        if name not in config._values:
+            config._values[name] = copy.copy(option.default)
+        value = option.coerce(config._values[name], option.flag) if name in config._given else config._values[name]
+        option.check(value)
+        config._values[name] = value
+    pm = get_plugin_manager(config.arch, config.modes)
+    info = pm.hook.arch_info()
+    _check_core(config, info, pm)
+    pm.hook.check_config(config=config, info=info)
+    return config
+
+
+def _check_core(config: TrainConfig, info, pm) -> None:
     def bad(msg):
         raise LorakitError(msg)
 
-    if not config.arch:
-        bad("no --arch given; choose one from `lorakit list-archs`.")
     if not config.model:
         bad("no --model given; pass a hub id or a local diffusers model folder.")
     if not config.output:
         bad("no --output given; pass the folder the LoRA and checkpoints go to.")
-    if "dreambooth" not in config.modes and not config.data:
+    replaced = [i for i in pm.hook.build_dataset.get_hookimpls() if not i.plugin_name.startswith("lorakit.")]
+    if not config.data and not replaced:
         bad("no --data given; pass an image folder or a dataset.")
-    if config.rank <= 0:
-        bad(f"--rank must be a positive integer, got {config.rank}.")
-    if config.alpha is not None and config.alpha <= 0:
-        bad(f"--alpha must be positive, got {config.alpha}.")
-    if config.learning_rate <= 0:
-        bad(f"--learning-rate must be positive, got {config.learning_rate}.")
-    if config.text_encoder_lr is not None and config.text_encoder_lr <= 0:
-        bad(f"--text-encoder-lr must be positive, got {config.text_encoder_lr}.")
-    if config.max_steps <= 0:
-        bad(f"--max-steps must be positive, got {config.max_steps}.")
-    if config.batch_size <= 0:
-        bad(f"--batch-size must be positive, got {config.batch_size}.")
-    if config.gradient_accumulation <= 0:
-        bad(f"--gradient-accumulation must be positive, got {config.gradient_accumulation}.")
-    if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
-        bad(f"--resolution must be a multiple of 8 (at least 8), got {config.resolution}.")
-    if config.mixed_precision not in MIXED_PRECISION:
-        bad(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got '{config.mixed_precision}'.")
-    if config.prediction_type is not None and config.prediction_type not in PREDICTION_TYPES:
-        bad(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got '{config.prediction_type}'.")
-    if config.lr_scheduler not in LR_SCHEDULERS:
-        bad(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{config.lr_scheduler}'.")
-    if config.lr_warmup_steps < 0:
-        bad(f"--lr-warmup-steps must be >= 0, got {config.lr_warmup_steps}.")
+    for name in info.refuses:
+        option = CORE.get(name)
+        if config.given(name) and option is not None and config._values[name] != option.default:
+            bad(f"{option.flag} does not apply to --arch {config.arch}; drop it.")
+    if config.train_text_encoder and not info.text_encoders:
+        bad(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
+    multiple = max(8, int(info.size_multiple))
+    if config.resolution is not None and config.resolution % multiple:
+        bad(f"--resolution must be a multiple of {multiple} for --arch {config.arch}, got {config.resolution}.")
     if config.max_grad_norm is not None and config.max_grad_norm <= 0:
         config.max_grad_norm = None
-    if config.snr_gamma is not None and config.snr_gamma <= 0:
-        bad(f"--snr-gamma must be positive, got {config.snr_gamma}.")
-    if not 0.0 <= config.caption_dropout < 1.0:
-        bad(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}.")
-    if not 0.0 <= config.dropout < 1.0:
-        bad(f"--lora-dropout must be in [0, 1), got {config.dropout}.")
-    if config.checkpoint_every is not None and config.checkpoint_every <= 0:
-        bad(f"--checkpoint-every must be positive, got {config.checkpoint_every}.")
-    if config.checkpoints_limit is not None and config.checkpoints_limit <= 0:
-        bad(f"--checkpoints-limit must be positive, got {config.checkpoints_limit}.")
-    if config.init_lora_weights not in ("gaussian", "default"):
-        bad(f"--init-lora-weights must be 'gaussian' or 'default', got '{config.init_lora_weights}'.")
-    if config.repeats <= 0:
-        bad(f"--repeats must be positive, got {config.repeats}.")
-    if config.num_class_images < 0:
-        bad(f"--num-class-images must be >= 0, got {config.num_class_images}.")
-    if config.prior_loss_weight < 0:
-        bad(f"--prior-loss-weight must be >= 0, got {config.prior_loss_weight}.")
-    if isinstance(config.target_modules, str):
-        config.target_modules = [t.strip() for t in config.target_modules.split(",") if t.strip()]
     if config.target_modules is not None and not config.target_modules:
         bad("--target-modules is empty; give a comma-separated list such as to_q,to_k,to_v,to_out.0.")
-    return config

@@ -44,7 +44,7 @@ class Sample:
 class CaptionedImages:
     """A list of training examples; each example is a group of one or more samples.
 
-    Plain training has one sample per example. A mode may group several (DreamBooth
+    Plain training has one sample per example. A mode may group several (prior preservation
     pairs an instance image with a class image); a batch of ``B`` examples then holds
     ``B * group_size`` samples, ordered by position in the group.
     """

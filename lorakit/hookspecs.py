@@ -2,7 +2,7 @@
 
 An *arch plugin* teaches lorakit one model family. It is registered under the
 ``lorakit.archs`` entry-point group; the entry-point name is the arch id that users
-pass to ``--arch``. A *mode plugin* (``lorakit.modes`` group, e.g. ``dreambooth``)
+pass to ``--arch``. A *mode plugin* (``lorakit.modes`` group)
 changes how a run is put together and wraps arch hooks instead of copying them.
 
 Each run builds a fresh plugin manager holding exactly one arch plugin, the chosen
@@ -117,6 +117,40 @@ def encode_prompt(components, captions):
 
 
 @hookspec(firstresult=True)
+def encode_text(components, captions, encoder):
+    """The outputs of one text encoder for a list of captions (optional; per-encoder caching).
+
+    ``encoder`` is one of ``ArchInfo.prompt_encoders``. Returns a dict of tensors, batch first
+    (``len(captions)`` rows), with keys no other encoder uses. An arch that implements it
+    lets the core cache each encoder separately: a frozen encoder's outputs are computed once
+    per distinct caption even while another encoder trains. The core then builds the batch's
+    conditioning by merging the dicts of every prompt encoder; ``encode_prompt`` is not
+    called for training. Pure, like :func:`encode_images`.
+    """
+
+
+@hookspec
+def check_config(config, info):
+    """Validate the run's options before any model loads (every plugin of the run may answer).
+
+    ``config`` holds every option of the run, the arch's and the modes' included, already
+    type-checked and range-checked against their declarations; ``info`` is the arch's
+    :class:`lorakit.arch.ArchInfo`. Raise :class:`lorakit.errors.LorakitError` with a
+    one-line fix for a combination that cannot work. Must not import torch.
+    """
+
+
+@hookspec
+def declare_options():
+    """Options a *mode* plugin adds (a list of :class:`lorakit.options.Option`).
+
+    Arch plugins declare theirs in ``ArchInfo.options``. A mode's options are accepted only
+    when the mode is on, and appear in ``lorakit train --help`` under the mode's panel.
+    Must not import torch.
+    """
+
+
+@hookspec(firstresult=True)
 def compute_loss(components, batch, config, generator):
     """The training objective for one micro-batch.
 
@@ -143,7 +177,8 @@ def save_lora(components, lora_layers, output_dir, weight_name):
 def build_pipeline(components, config):
     """Assemble an inference pipeline from already-loaded components (LoRA included).
 
-    Used for sample images and DreamBooth class images. Return ``None`` if the arch has
+    Used for sample images and for images a mode generates (e.g. a prior-preservation
+    mode's class images). Return ``None`` if the arch has
     no inference pipeline.
     """
 
@@ -172,7 +207,7 @@ def generate_images(pipeline, prompts, generator, num_inference_steps, resolutio
     """Generate one PIL image per prompt with an inference pipeline.
 
     ``generator`` is a ``torch.Generator`` or a list with one per prompt (per-image seeds,
-    diffusers' convention; DreamBooth uses it so an interrupted class-image generation
+    diffusers' convention; a mode may use it so an interrupted generation
     resumes with the same images). ``resolution=None`` and ``guidance_scale=None`` mean the
     pipeline's defaults (for ``resolution``: the model's native size).
     """
@@ -209,7 +244,7 @@ def build_dataset(config, components, pm):
     """Build the training dataset: a :class:`lorakit.data.CaptionedImages`.
 
     lorakit's default reads ``config.data``. A mode plugin may return a different
-    dataset (DreamBooth pairs instance and class images) and may call arch hooks through
+    dataset (e.g. pairs of subject and class images) and may call arch hooks through
     ``pm.hook`` (for example to generate class images).
     """
 

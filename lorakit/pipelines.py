@@ -34,15 +34,7 @@ def lora_file(path) -> tuple[str, str]:
     return str(file.parent), file.name
 
 
-def scheduler_from_folder(model_path, fallback: str):
-    """The inference scheduler a diffusers model folder names in ``scheduler/`` (``fallback``,
-    a diffusers class name, when that class is unknown to the installed diffusers)."""
-    import diffusers
-
-    path = Path(model_path)
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, config.get("_class_name", ""), None) or getattr(diffusers, fallback)
-    return cls.from_pretrained(path, subfolder="scheduler")
+from lorakit.archbase import scheduler_from_folder  # noqa: E402,F401  (moved; kept importable)
 
 
 def tokenize(tokenizer, captions):

@@ -153,6 +153,54 @@ def arch_info(arch: str):
     return info
 
 
+def mode_options(mode: str) -> list:
+    """The options a mode declares (its ``declare_options`` hook), in declaration order."""
+    modes = mode_entries()
+    if mode not in modes:
+        known = ", ".join(modes) or "none installed"
+        raise PluginError(f"unknown mode '{mode}'. Known modes: {known}.")
+    pm = _new_manager()
+    pm.register(_instance(modes[mode].load()), name=f"mode:{mode}")
+    return [option for declared in pm.hook.declare_options() for option in declared]
+
+
+def _owners():
+    """``(owner description, [Option])`` for every installed arch, objective and mode; a plugin
+    that fails to load is skipped (``list-archs`` reports it)."""
+    from lorakit.objectives import OPTIONS
+
+    owners = []
+    infos = {}
+    for arch_id in arch_entries():
+        try:
+            infos[arch_id] = arch_info(arch_id)
+        except Exception:
+            continue
+        owners.append((f"--arch {arch_id}", list(infos[arch_id].options)))
+    for family, options in OPTIONS.items():
+        users = [a for a, i in infos.items() if i.objective == family]
+        owners.append((f"the {family} objective (--arch {', '.join(users) or 'none installed'})", list(options)))
+    for mode in mode_entries():
+        try:
+            owners.append((f"mode {mode} (--{mode})", mode_options(mode)))
+        except Exception:
+            continue
+    return owners
+
+
+def declared_elsewhere(name: str, arch: str, modes=()) -> str | None:
+    """Who declares option ``name`` when the run (``arch`` + ``modes``) does not, for messages."""
+    for owner, options in _owners():
+        if any(o.name == name for o in options):
+            return owner
+    return None
+
+
+def all_options() -> list[tuple[str, list]]:
+    """Every installed plugin's options, grouped by owner (for the CLI and docs/cli.md)."""
+    return _owners()
+
+
 def list_archs() -> list[dict]:
     """Every installed arch with its status; a broken plugin is reported, never raised."""
     rows = []

@@ -59,6 +59,24 @@ def tiny_clip_text_config(hidden_size: int = 32, projection_dim: int = 32, layer
     )
 
 
+def tiny_vae(cls, **overrides):
+    """A few-KB ``AutoencoderKL`` that downsamples by 8 like SD's (``cls`` passed in so this
+    module imports no diffusers)."""
+    values = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    values.update(overrides)
+    return cls(**values)
+
+
 def check_tokenizer_matches(tokenizer, text_encoder, where: str) -> None:
     """Refuse a tokenizer that does not fit its text encoder.
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from lorakit.data import file_opener
 from lorakit.errors import LorakitError, PluginError
 from lorakit.hookspecs import hookimpl
+from lorakit.options import Option
 
 log = logging.getLogger("lorakit")
 
@@ -43,6 +44,18 @@ GENERATION_BATCH = 4
 #: Batch entry telling instance (0) and class (1) samples apart.
 PRIOR_KEY = "prior"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_PANEL = "DreamBooth (--dreambooth)"
+OPTIONS = (
+    Option("instance_data", str, None, "Folder of subject images.", panel=_PANEL, default_text="required"),
+    Option("instance_prompt", str, None, "Prompt naming the subject.", panel=_PANEL, resume=True, default_text="required"),
+    Option("class_data", str, None, "Folder of class images (generated if short).", panel=_PANEL,
+           default_text="OUTPUT/class_images"),
+    Option("class_prompt", str, None, "Prompt of the class.", panel=_PANEL, resume=True, default_text="required"),
+    Option("num_class_images", int, 100, "Class images wanted.", minimum=0, panel=_PANEL),
+    Option("prior_loss_weight", float, 1.0, "Weight of the prior loss.", minimum=0, panel=_PANEL),
+    Option("repeats", int, 1, "Repeats of each instance image.", minimum=1, panel=_PANEL, resume=True),
+    Option("class_generation_steps", int, 25, "Inference steps per generated class image.", minimum=1, panel=_PANEL),
+)
 
 
 class DreamBooth:
@@ -51,17 +64,17 @@ class DreamBooth:
     def __init__(self):
         self.pm = None
 
+    description = "DreamBooth with prior preservation: learn a subject, keep its class."
+
     # ------------------------------------------------------------------ hooks
-    @hookimpl(wrapper=True)
-    def load_components(self, config):
-        # Check the DreamBooth options before the (slow) model load, then let the arch load.
+    @hookimpl
+    def declare_options(self):
+        return list(OPTIONS)
+
+    @hookimpl
+    def check_config(self, config, info):
+        # before the (slow) model load
         check_options(config)
-        components = yield
-        if components is None:
-            raise PluginError(
-                f"arch plugin '{config.arch}' does not implement required hook load_components. See docs/plugins.md."
-            )
-        return components
 
     @hookimpl
     def build_dataset(self, config, components, pm):

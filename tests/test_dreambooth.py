@@ -158,16 +158,16 @@ def _patch_generate(monkeypatch, calls, fail_on_call=None):
     """Count the prompts the arch is asked to render; optionally die (like Ctrl-C) on one call."""
     import lorakit_plugins.sd15 as sd15
 
-    real = sd15.generate_images
+    real = sd15.SD15.generate_images
 
     @functools.wraps(real)  # keeps pluggy's hookimpl marker
-    def generate_images(pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
+    def generate_images(self, pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale):
         calls.append(len(prompts))
         if fail_on_call is not None and len(calls) == fail_on_call:
             raise KeyboardInterrupt
-        return real(pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale)
+        return real(self, pipeline, prompts, generator, num_inference_steps, resolution, guidance_scale)
 
-    monkeypatch.setattr(sd15, "generate_images", generate_images)
+    monkeypatch.setattr(sd15.SD15, "generate_images", generate_images)
 
 
 def test_class_images_are_reused_generated_and_resumed(tmp_path, lorakit_tiny_model, monkeypatch):
@@ -327,14 +327,20 @@ def test_cli_mistakes_end_in_one_clear_line(tmp_path, lorakit_tiny_model):
 def test_arch_that_cannot_generate_says_so(tmp_path, lorakit_tiny_model):
     import lorakit_plugins.sd15 as sd15
 
-    from lorakit.hookspecs import REQUIRED_TRAIN_HOOKS
+    from lorakit import Arch, DiffusersArch
     from lorakit.plugins import register, unregister
 
-    class NoPipeline:
+    class NoPipeline(Arch):
         """An arch with every training hook of sd15 but no inference pipeline."""
 
-    for name in (*REQUIRED_TRAIN_HOOKS, "recognizes_model"):
-        setattr(NoPipeline, name, staticmethod(getattr(sd15, name)))
+        info = sd15.SD15.info
+        pipeline_cls = DiffusersArch.pipeline_cls
+        save_lora = DiffusersArch.save_lora
+        load_components = sd15.SD15.load_components
+        encode_images = sd15.SD15.encode_images
+        encode_prompt = sd15.SD15.encode_prompt
+        compute_loss = sd15.SD15.compute_loss
+
     register("nopipe", NoPipeline)
     try:
         model = lorakit_tiny_model("sd15")

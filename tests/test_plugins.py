@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorakit import hookspecs, plugins
-from lorakit.errors import PluginError
+from lorakit.errors import LorakitError, PluginError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -70,7 +70,7 @@ def test_builtin_archs_are_registered_through_entry_points():
     entries = plugins.arch_entries()
     assert "sd15" in entries
     assert entries["sd15"].distribution == "lorakit"
-    assert entries["sd15"].value == "lorakit_plugins.sd15"
+    assert entries["sd15"].value == "lorakit_plugins.sd15:SD15"
 
 
 def test_one_arch_per_manager(fake_entry_points):
@@ -211,10 +211,31 @@ def test_example_plugin_in_the_docs_is_complete(tmp_path):
 def test_core_names_no_architecture():
     """DESIGN rule 1: nothing under lorakit/ imports a plugin or names an architecture."""
     core = Path(hookspecs.__file__).parent
-    pattern = re.compile(r"sdxl|sd1\.?5|sd15|kandinsky|wuerstchen|stable.?diffusion|lorakit_plugins", re.I)
+    pattern = re.compile(
+        r"sdxl|sd1\.?5|sd15|kandinsky|wuerstchen|stable.?diffusion|lorakit_plugins|dreambooth|instance_prompt|"
+        r"class_prompt|prior_loss|num_class_images", re.I
+    )
     offenders = []
     for path in core.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             if pattern.search(line):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_without_the_dreambooth_entry_point_no_dreambooth_option_remains(monkeypatch):
+    """Modes own their options: with the mode uninstalled, neither the CLI, nor TrainConfig, nor
+    the resume check knows any DreamBooth option."""
+    from lorakit import cli
+    from lorakit.config import TrainConfig, resume_keys, run_options
+
+    monkeypatch.setattr(plugins, "mode_entries", lambda: {})
+    flags = {f for p in cli._train_parameters() for f in (getattr(p.default, "param_decls", None) or ())}
+    names = {p.name for p in cli._train_parameters()}
+    dreamy = re.compile(r"dreambooth|instance|class|prior|repeats", re.I)
+    assert not [f for f in flags | names if dreamy.search(f)], sorted(flags | names)
+    assert not [k for k in TrainConfig(arch="sd15").to_dict() if dreamy.search(k)]
+    assert not [k for k in resume_keys(TrainConfig(arch="sd15")) if dreamy.search(k)]
+    assert not [k for k in run_options("sd15") if dreamy.search(k)]
+    with pytest.raises(LorakitError, match="unknown mode 'dreambooth'"):
+        run_options("sd15", ["dreambooth"])
