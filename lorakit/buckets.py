@@ -4,7 +4,8 @@ Each image goes to the bucket ``(width, height)`` whose aspect ratio is nearest 
 from a fixed list that depends on the resolution only:
 
 * both sides are multiples of :func:`bucket_multiple` -- 64, or 8 below 256 px, so small
-  resolutions (tiny test models) still get several buckets;
+  resolutions (tiny test models) still get several buckets -- and of the arch's
+  ``size_multiple`` (the step is their least common multiple);
 * landscape buckets take every width ``w`` from ``resolution`` to ``2 * resolution`` in steps
   of that multiple, with the largest height ``h`` (a multiple) such that ``w * h <= resolution²``;
   portrait buckets are their transposes; aspect ratios outside ``[1/4, 4]`` are dropped.
@@ -29,12 +30,14 @@ def bucket_multiple(resolution: int) -> int:
     return 64 if resolution >= 256 else 8
 
 
-def make_buckets(resolution: int) -> list[tuple[int, int]]:
-    """Every ``(width, height)`` bucket for ``resolution``, sorted, square included."""
-    m = bucket_multiple(resolution)
+def make_buckets(resolution: int, multiple: int = 8) -> list[tuple[int, int]]:
+    """Every ``(width, height)`` bucket for ``resolution``, sorted, square included; every
+    side a multiple of ``multiple`` (the arch's size multiple) too."""
+    m = math.lcm(bucket_multiple(resolution), multiple)
     area = resolution * resolution
     landscape = set()
-    for w in range(resolution, 2 * resolution + 1, m):
+    first = -(-resolution // multiple) * multiple  # the resolution itself when it is a multiple
+    for w in range(first, 2 * resolution + 1, m):
         h = (area // w) // m * m
         if h >= m and w / h <= MAX_ASPECT:
             landscape.add((w, h))

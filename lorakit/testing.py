@@ -172,3 +172,36 @@ def run_arch_contract(arch: str, tmp_path, data=None, **overrides) -> dict:
     for key in a:
         assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
     return figures
+
+
+def eval_loss(trainer, dataset=None, seed: int = 1234, repeats: int = 4) -> float:
+    """Mean denoising loss of a set-up :class:`lorakit.training.Trainer` over ``dataset``
+    (default: its training set) with fixed noise and timesteps drawn from ``seed``; no
+    update, LoRA dropout off."""
+    import torch
+
+    dataset = trainer.dataset if dataset is None else dataset
+    by_size: dict = {}  # one size per batch (a single group unless --buckets)
+    for i, example in enumerate(dataset.examples):
+        by_size.setdefault(trainer.size_of(example[0]), []).append(i)
+    bs = trainer.config.batch_size
+    chunks = []
+    for size in sorted(by_size):
+        ids = by_size[size]
+        chunks += [ids[i : i + bs] for i in range(0, len(ids), bs)]
+    generator = torch.Generator().manual_seed(seed)
+    trained = [trainer.components[n] for n in trainer.lora_configs]
+    for module in trained:
+        module.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                for indices in chunks:
+                    batch = trainer.make_batch(0, indices, dataset)
+                    loss, _ = trainer.loss_on(batch, generator)
+                    total, n = total + float(loss), n + 1
+    finally:
+        for module in trained:
+            module.train()
+    return total / n

@@ -24,15 +24,25 @@ def model(tmp_path_factory):
 
 
 def _sd15_with(compute_loss):
-    """The SD1.5 plugin with its compute_loss replaced (a fault-injecting arch for tests)."""
+    """The SD1.5 plugin with its compute_loss replaced (a fault-injecting arch for tests);
+    ``compute_loss(own, components, batch, config, generator)`` gets the plugin's own as ``own``."""
     import lorakit_plugins.sd15 as sd15
 
+    if isinstance(getattr(sd15, "SD15", None), type):  # the plugin is a class
+        class Variant(sd15.SD15):
+            @hookimpl
+            def compute_loss(self, components, batch, config, generator):
+                own = lambda *args: sd15.SD15.compute_loss(self, *args)  # noqa: E731
+                return compute_loss(own, components, batch, config, generator)
+
+        return Variant
     arch = types.ModuleType("sd15_variant")
     for name in dir(sd15):
         obj = getattr(sd15, name)
         if callable(obj) and hasattr(obj, "lorakit_impl"):
             setattr(arch, name, obj)
-    arch.compute_loss = compute_loss
+    arch.compute_loss = hookimpl(lambda components, batch, config, generator: compute_loss(
+        sd15.compute_loss, components, batch, config, generator))
     return arch
 
 
@@ -130,11 +140,8 @@ def test_target_that_matches_nothing_is_explained(model, tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(model, tmp_path):
     """A loss that goes NaN never updates the weights and stops the run after a few steps."""
-    import lorakit_plugins.sd15 as sd15
-
-    @hookimpl
-    def compute_loss(components, batch, config, generator):
-        return sd15.compute_loss(components, batch, config, generator) * float("nan")
+    def compute_loss(own, components, batch, config, generator):
+        return own(components, batch, config, generator) * float("nan")
 
     plugins.register("sd15-nan", _sd15_with(compute_loss))
     try:
@@ -168,16 +175,13 @@ def test_validation_samples_under_bf16(model, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(model, tmp_path):
     """Interrupted in the middle of an accumulation step, the run keeps its finished steps,
     and resuming gives the same adapter as never stopping."""
-    import lorakit_plugins.sd15 as sd15
-
     calls = {"n": 0}
 
-    @hookimpl
-    def compute_loss(components, batch, config, generator):
+    def compute_loss(own, components, batch, config, generator):
         calls["n"] += 1
         if calls["n"] == 8:  # step 4's second micro-batch
             raise KeyboardInterrupt
-        return sd15.compute_loss(components, batch, config, generator)
+        return own(components, batch, config, generator)
 
     plugins.register("sd15-flaky", _sd15_with(compute_loss))
     try:

@@ -1,0 +1,87 @@
+"""Data order and sizes: which examples each process trains on, in which micro-batch, at
+which size.
+
+The order of an epoch is a pure function of (seed, epoch) and the global batch
+(``batch_size x processes``); each process takes its slice. Without ``--buckets`` every
+example trains at the square resolution; with it, at its aspect-ratio bucket
+(:mod:`lorakit.buckets`), one bucket per batch.
+"""
+
+from __future__ import annotations
+
+from lorakit import buckets
+from lorakit.errors import LorakitError
+
+
+def checked_resolution(config, info, native=None) -> int:
+    """The square training resolution (``--resolution``, else the model's, else the arch's),
+    refused in one line when it is not a multiple of the arch's ``size_multiple``."""
+    resolution, m = int(config.resolution or native or info.default_resolution), info.size_multiple
+    if resolution % m:
+        lower, upper = resolution // m * m, (resolution // m + 1) * m
+        raise LorakitError(
+            f"--resolution {resolution} is not a multiple of {m} (--arch {config.arch} needs sides in steps of "
+            f"{m}); use {lower or upper} or {upper}."
+        )
+    return resolution
+
+
+class Batches:
+    """Micro-batches of example indices of ``dataset`` for process ``rank`` of ``world``."""
+
+    def __init__(self, dataset, config, resolution: int, world: int = 1, rank: int = 0, multiple: int = 8):
+        self.dataset, self.config, self.resolution = dataset, config, resolution
+        self.world, self.rank, self.multiple = world, rank, multiple
+        self._image_sizes: dict = {}
+        self._bucket_list = None
+
+    def size_of(self, sample) -> tuple[int, int]:
+        """The ``(width, height)`` a sample is trained at: its bucket, or the square."""
+        if not self.config.buckets:
+            return (self.resolution, self.resolution)
+        if self._bucket_list is None:
+            self._bucket_list = buckets.make_buckets(self.resolution, self.multiple)
+        return buckets.nearest_bucket(*self.image_size(sample), self._bucket_list)
+
+    def image_size(self, sample) -> tuple[int, int]:
+        """The ``(width, height)`` of a sample's image file (read once)."""
+        if sample.key not in self._image_sizes:
+            self._image_sizes[sample.key] = sample.open().size
+        return self._image_sizes[sample.key]
+
+    def bucket_summary(self) -> str:
+        """``"buckets: 64x64 (4), ..."``; refuses examples of several images (they share a size)."""
+        if self.dataset.group_size > 1:
+            raise LorakitError(
+                f"--buckets needs one image per example, but this run's examples group "
+                f"{self.dataset.group_size} (e.g. DreamBooth pairs); drop --buckets."
+            )
+        return buckets.summary([self.size_of(e[0]) for e in self.dataset.examples])
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of example indices for ``epoch``."""
+        import torch
+
+        bs = self.config.batch_size
+        global_batch = bs * self.world
+        lo, hi = self.rank * bs, (self.rank + 1) * bs
+        if self.config.buckets:
+            sizes = [self.size_of(e[0]) for e in self.dataset.examples]
+            chunks = buckets.bucketed_batches(sizes, global_batch, self.config.seed, epoch)
+            return [chunk[lo:hi] for chunk in chunks]
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        while len(order) < global_batch:
+            order = order + order
+        return [order[b * global_batch : (b + 1) * global_batch][lo:hi] for b in range(len(order) // global_batch)]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def micro_batches(self, start_micro: int):
+        """Endless stream of ``(epoch, indices)`` from micro-batch number ``start_micro`` on."""
+        epoch, offset = divmod(start_micro, self.batches_per_epoch())
+        while True:
+            for indices in self.epoch_batches(epoch)[offset:]:
+                yield epoch, indices
+            epoch, offset = epoch + 1, 0

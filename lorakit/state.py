@@ -1,0 +1,214 @@
+"""What a checkpoint saves and a resume restores: :class:`TrainState`.
+
+A ``checkpoint-N/`` folder holds everything needed to continue bit-for-bit: the LoRA
+weights (fp32, ``lora_params.safetensors``), optimizer and LR-scheduler state
+(``torch.load(weights_only=True)``, never plain unpickling), every process's RNG states,
+the grad scaler, the step, the process count and the config fingerprint
+(``training_state.json``); plus a ``pytorch_lora_weights.safetensors`` usable on its own.
+A checkpoint is written to a temporary folder and renamed, so an interrupted save never
+becomes the "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+log = logging.getLogger("lorakit")
+
+STATE_FILE = "training_state.json"
+PARAMS_FILE = "lora_params.safetensors"
+RNG_FILE = "rng_state.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: Config fields that must match for a resume to continue the same run.
+RESUME_MUST_MATCH = (
+    "arch", "rank", "alpha", "dropout", "target_modules", "train_text_encoder", "batch_size",
+    "gradient_accumulation", "seed", "resolution", "buckets", "mixed_precision", "init_lora_weights",
+    "modes", "instance_prompt", "class_prompt", "repeats",
+)
+
+
+def resume_keys(config) -> tuple:
+    """The fields :func:`fingerprint` records. Today's list; switching to the options declared
+    ``resume=True`` is this one line: ``return tuple(lorakit.config.resume_keys(config))``."""
+    return RESUME_MUST_MATCH
+
+
+def fingerprint(config) -> dict:
+    data = config.to_dict()
+    return {k: data.get(k) for k in resume_keys(config)}
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))
+
+
+def rng_now(generator) -> tuple:
+    """``(generator state, torch CPU state)``: what this process's random draws continue from."""
+    import torch
+
+    return generator.get_state(), torch.get_rng_state()
+
+
+def gather_rng_states(accelerator, generator):
+    """Every process's ``(generator, torch)`` RNG states, in process order, when there are
+    several: each process draws its own noise, so a resume must give each its own back."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return None
+    generator_state, cpu = rng_now(generator)
+    mine = torch.cat([generator_state, cpu]).unsqueeze(0).to(accelerator.device)
+    everyone = accelerator.gather(mine).to("cpu")
+    n = generator_state.numel()
+    return [(row[:n].clone(), row[n:].clone()) for row in everyone]
+
+
+def check_processes_agree(accelerator, params) -> None:
+    """With several processes every copy of the LoRA must be identical (gradients are
+    averaged before each step); a mismatch means a broken setup, not a usable result."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9):
+        raise RuntimeError(f"LoRA weights differ between processes: {sums.tolist()}")
+
+
+@dataclass
+class TrainState:
+    """The objects a run's progress lives in; nothing else is saved or restored."""
+
+    config: object
+    lora_modules: dict  # component name -> module carrying LoRA
+    optimizer: object
+    lr_scheduler: object
+    generator: object  # this process's CPU generator (noise, timesteps)
+    scaler: object = None
+    num_processes: int = 1
+    process_index: int = 0
+    global_step: int = 0
+
+    def lora_params(self) -> dict:
+        return {
+            f"{name}/{pname}": p
+            for name, module in self.lora_modules.items()
+            for pname, p in module.named_parameters()
+            if "lora_" in pname
+        }
+
+    def save(self, output_dir: Path, write_lora, limit: int | None = None, process_rng=None) -> Path:
+        """Write ``checkpoint-<global_step>``; ``write_lora(folder)`` writes the adapter file.
+        ``process_rng``: every process's ``(generator, torch)`` states when there are several."""
+        step = self.global_step
+        final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_lora(tmp)
+        self._write(tmp, process_rng)
+        # Swap in the new folder before deleting an old one of the same step: a crash in
+        # between leaves one complete checkpoint, never none.
+        aside = output_dir / f".checkpoint-{step}.old"
+        if final.exists():
+            if aside.exists():
+                shutil.rmtree(aside)
+            final.rename(aside)
+        tmp.rename(final)
+        if aside.exists():
+            shutil.rmtree(aside)
+        if limit:
+            # only checkpoints older than the new one count against the limit; it is never pruned
+            older = [c for c in list_checkpoints(output_dir) if step_of(c) < step]
+            for old in older[: max(0, len(older) - (limit - 1))]:
+                shutil.rmtree(old)
+                log.info("removed %s (--checkpoints-limit %d)", old.name, limit)
+        return final
+
+    def _write(self, folder: Path, process_rng) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        params = {k: p.detach().to("cpu").contiguous() for k, p in self.lora_params().items()}
+        save_file(params, str(folder / PARAMS_FILE))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+        generator_state, torch_state = rng_now(self.generator)
+        rng = {"generator": generator_state, "torch": torch_state}
+        for rank, (generator_state, torch_state) in enumerate(process_rng or []):
+            if rank:
+                rng[f"generator.{rank}"], rng[f"torch.{rank}"] = generator_state, torch_state
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(folder / RNG_FILE))
+        state = {
+            "global_step": self.global_step,
+            "num_processes": self.num_processes,
+            "config": fingerprint(self.config),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    def load(self, path: Path) -> dict:
+        """Restore checkpoint ``path``; refuse one from a different run."""
+        import torch
+        from safetensors.torch import load_file
+
+        state = json.loads((path / STATE_FILE).read_text())
+        saved, now = state.get("config", {}), fingerprint(self.config)
+        different = [k for k in now if k in saved and saved[k] != now[k]]
+        if different:
+            details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in different)
+            raise LorakitError(f"--resume {path} comes from a different run ({details}); use the same settings or --overwrite.")
+        params = load_file(str(path / PARAMS_FILE))
+        for key, p in self.lora_params().items():
+            if key not in params:
+                raise LorakitError(f"--resume {path} lacks LoRA weight {key}; it belongs to another setup.")
+            with torch.no_grad():
+                p.copy_(params[key].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+        self._load_rng(path, load_file(str(path / RNG_FILE)), state.get("num_processes", self.num_processes))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+        return state
+
+    def _load_rng(self, path: Path, rng: dict, saved_world: int) -> None:
+        import torch
+
+        rank = self.process_index
+        if saved_world != self.num_processes and rank == 0:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: the data order and noise differ "
+                "from the interrupted run from here on", path, saved_world, self.num_processes,
+            )
+        suffix = f".{rank}" if rank else ""
+        if f"generator{suffix}" not in rng:
+            suffix = ""  # no state saved for this process: continue from the main process's
+        self.generator.set_state(rng[f"generator{suffix}"])
+        torch.set_rng_state(rng[f"torch{suffix}"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
