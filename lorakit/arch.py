@@ -51,8 +51,9 @@ class ArchInfo:
     kohya_prefixes: dict | None = None
     #: The arch's own options (:class:`lorakit.options.Option`), accepted with ``--arch`` this arch.
     options: tuple = ()
-    #: Names of core or objective options that do not apply to this arch (refused if given).
-    refuses: tuple = ()
+    #: Core or objective options that do not apply to this arch, refused when given: a tuple of
+    #: names (a generic message), or ``{name: the one-line message saying why and what to do}``.
+    refuses: tuple | dict = ()
     #: Default guidance scale of the inference pipeline (``generate``, samples).
     guidance_scale: float | None = None
 

@@ -254,10 +254,12 @@ def _check_core(config: TrainConfig, info, pm) -> None:
     replaced = [i for i in pm.hook.build_dataset.get_hookimpls() if not i.plugin_name.startswith("lorakit.")]
     if not config.data and not replaced:
         bad("no --data given; pass an image folder or a dataset.")
-    for name in info.refuses:
-        option = CORE.get(name)
-        if config.given(name) and option is not None and config._values[name] != option.default:
-            bad(f"{option.flag} does not apply to --arch {config.arch}; drop it.")
+    options = run_options(config.arch, config.modes)
+    refused = info.refuses if isinstance(info.refuses, dict) else dict.fromkeys(info.refuses)
+    for name, message in refused.items():
+        option = options.get(name)
+        if option is not None and config.given(name) and config._values[name] != option.default:
+            bad(message or f"{option.flag} does not apply to --arch {config.arch}; drop it.")
     if config.train_text_encoder and not info.text_encoders:
         bad(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
     multiple = max(8, int(info.size_multiple))

@@ -36,10 +36,11 @@ class Decoder(Kandinsky22):
         size_multiple=8,  # MoVQ downsamples by 8
         objective="ddpm",
         input_encoders=("movq", "image_encoder"),
-        # --caption-dropout and --vae do not apply either (captions never reach the decoder;
-        # MoVQ is its own VAE), but they are core options, which the core refuses with its
-        # generic line: load_components refuses them with the reason instead.
-        refuses=(),
+        # captions never reach the decoder, and MoVQ is its own VAE
+        refuses={
+            "caption_dropout": "--arch kandinsky22 conditions on the image embedding, not on captions; drop --caption-dropout.",
+            "vae": "--arch kandinsky22 uses the decoder's own MoVQ and takes no --vae; drop it.",
+        },
         guidance_scale=4.0,
     )
     cannot_generate = (
@@ -68,13 +69,6 @@ class Decoder(Kandinsky22):
 
         path = Path(model_path)
         self.check_layout(path)
-        # Refused here, not in ArchInfo.refuses: these messages say why and what to do.
-        if config.caption_dropout:
-            raise LorakitError(
-                "--arch kandinsky22 conditions on the image embedding, not on captions; drop --caption-dropout."
-            )
-        if config.vae:
-            raise LorakitError("--arch kandinsky22 uses the decoder's own MoVQ and takes no --vae; drop it.")
         prior_folder = self._prior_folder(path)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=weight_dtype)
         # MoVQ stays in fp32: it only encodes (once, when cached), like an SD VAE.

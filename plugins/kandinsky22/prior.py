@@ -40,11 +40,13 @@ class Prior(Kandinsky22):
         objective="ddpm",
         prompt_encoders=("text_encoder",),
         input_encoders=("image_encoder",),
-        # The scheduler fixes the target (the sample) and the prior denoises an embedding,
-        # not image latents. --gradient-checkpointing and --vae do not apply either, but they
-        # are core options, which the core refuses with its generic line: load_components
-        # refuses them with the reason instead.
-        refuses=("prediction_type", "noise_offset"),
+        # The scheduler fixes the target (the sample); the prior denoises an embedding, not latents.
+        refuses={
+            "prediction_type": "--arch kandinsky22-prior predicts what its scheduler says (the sample); drop --prediction-type.",
+            "noise_offset": "--noise-offset is for image latents; the prior denoises an embedding, drop it.",
+            "gradient_checkpointing": "the Kandinsky 2.2 prior does not support --gradient-checkpointing; drop the flag.",
+            "vae": "--arch kandinsky22-prior encodes images with its CLIP image encoder, not a VAE; drop --vae.",
+        },
         guidance_scale=4.0,
     )
     cannot_generate = (
@@ -62,18 +64,6 @@ class Prior(Kandinsky22):
 
         path = Path(model_path)
         self.check_layout(path)
-        # Refused here too: the core does not yet refuse an objective's options, and these
-        # messages say why and what to do.
-        if config.prediction_type is not None:
-            raise LorakitError(
-                "--arch kandinsky22-prior predicts what its scheduler says (the sample); drop --prediction-type."
-            )
-        if config.noise_offset:
-            raise LorakitError("--noise-offset is for image latents; the prior denoises an embedding, drop it.")
-        if config.gradient_checkpointing:
-            raise LorakitError("the Kandinsky 2.2 prior does not support --gradient-checkpointing; drop the flag.")
-        if config.vae:
-            raise LorakitError("--arch kandinsky22-prior encodes images with its CLIP image encoder, not a VAE; drop --vae.")
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
         check_tokenizer_matches(tokenizer, text_encoder, f"--model {path}")

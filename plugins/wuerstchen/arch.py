@@ -31,11 +31,17 @@ class Wuerstchen(DiffusersArch):
         objective="ddpm",
         prompt_encoders=("text_encoder",),
         input_encoders=("image_encoder",),
-        # the prior predicts noise; load_components also refuses it until the core does
-        refuses=("prediction_type",),
         # diffusers' WuerstchenCombinedPipeline default prior_guidance_scale
         guidance_scale=4.0,
     )
+
+    @hookimpl
+    def check_config(self, config, info):
+        if config.prediction_type not in (None, "epsilon"):
+            raise LorakitError(
+                f"--prediction-type {config.prediction_type} is not supported by --arch wuerstchen "
+                "(the prior predicts noise); drop the flag."
+            )
 
     @hookimpl
     def load_components(self, model_path, config, device, weight_dtype):
@@ -45,11 +51,6 @@ class Wuerstchen(DiffusersArch):
         from .pipeline import find_decoder, load_prior_parts
 
         path = Path(model_path)
-        if config.prediction_type not in (None, "epsilon"):
-            raise LorakitError(
-                f"--prediction-type {config.prediction_type} is not supported by --arch wuerstchen "
-                "(the prior predicts noise); drop the flag."
-            )
         prior, text_encoder, tokenizer, scheduler = load_prior_parts(path, weight_dtype)
         encoder_dir = find_image_encoder(path, config.vae)
         image_encoder = load_image_encoder(encoder_dir)
