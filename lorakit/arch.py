@@ -56,6 +56,9 @@ class ArchInfo:
     refuses: tuple | dict = ()
     #: Default guidance scale of the inference pipeline (``generate``, samples).
     guidance_scale: float | None = None
+    #: Precision ``lorakit generate`` runs the pipeline in on a GPU ("float16" or "bfloat16",
+    #: the model's native one); fp32 on CPU.
+    inference_dtype: str = "float16"
 
     @property
     def recognised_classes(self) -> tuple:

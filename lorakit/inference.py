@@ -33,7 +33,8 @@ def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, floa
         if not getattr(pm.hook, hook).get_hookimpls():
             raise PluginError(f"arch '{arch}' cannot generate images (no {hook} hook).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    if dtype is None:  # the arch's native half precision on a GPU; fp32 on CPU
+        dtype = getattr(torch, pm.hook.arch_info().inference_dtype) if device == "cuda" else torch.float32
     pipeline = pm.hook.load_pipeline(model_path=resolve_model(model), device=device, dtype=dtype)
     names = []
     for i, (path, _) in enumerate(loras):
