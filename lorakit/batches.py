@@ -54,7 +54,7 @@ class Batches:
         if self.dataset.group_size > 1:
             raise LorakitError(
                 f"--buckets needs one image per example, but this run's examples group "
-                f"{self.dataset.group_size} (e.g. DreamBooth pairs); drop --buckets."
+                f"{self.dataset.group_size} (e.g. a mode's image pairs); drop --buckets."
             )
         return buckets.summary([self.size_of(e[0]) for e in self.dataset.examples])
 

@@ -26,7 +26,9 @@ def check_batch_first(out: dict, hook: str, arch: str, rows: int) -> dict:
     """``out`` as the hook contract states it: every tensor batch first with ``rows`` rows."""
     import torch
 
-    for key, value in (out or {}).items():
+    if not isinstance(out, dict):
+        raise PluginError(f"arch plugin '{arch}': {hook} returned {type(out).__name__}, expected a dict of tensors")
+    for key, value in out.items():
         if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != rows):
             raise PluginError(
                 f"arch plugin '{arch}': {hook} returned {key!r} of shape {tuple(value.shape)}, "
@@ -185,9 +187,11 @@ class EncodingCache:
         keep = set(self.trained) | {self.info.denoiser}
         return [n for n in dict.fromkeys(names) if n not in keep and isinstance(self.components.get(n), torch.nn.Module)]
 
-    def release(self, drop: bool) -> list[str]:
+    def release(self, drop: bool, note=log.info) -> list[str]:
         """Move the releasable encoders off the device; with ``drop``, out of memory too."""
         names = self.releasable()
+        if names:
+            note(f"inputs cached: {', '.join(names)} " + ("freed" if drop else "moved to the CPU until sample images"))
         for name in names:
             self.components[name].to("cpu")
             if drop:

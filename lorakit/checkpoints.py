@@ -12,7 +12,6 @@ from lorakit.outputs import (  # noqa: F401
 )
 from lorakit.state import (  # noqa: F401
     CHECKPOINT_RE,
-    RESUME_MUST_MATCH,
     STATE_FILE,
     TrainState,
     fingerprint,

@@ -26,21 +26,12 @@ STATE_FILE = "training_state.json"
 PARAMS_FILE = "lora_params.safetensors"
 RNG_FILE = "rng_state.safetensors"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-#: Config fields that must match for a resume to continue the same run.
-RESUME_MUST_MATCH = (
-    "arch", "rank", "alpha", "dropout", "target_modules", "train_text_encoder", "batch_size",
-    "gradient_accumulation", "seed", "resolution", "buckets", "mixed_precision", "init_lora_weights",
-    "modes", "instance_prompt", "class_prompt", "repeats",
-)
-
-
-def resume_keys(config) -> tuple:
-    """The fields :func:`fingerprint` records. Today's list; switching to the options declared
-    ``resume=True`` is this one line: ``return tuple(lorakit.config.resume_keys(config))``."""
-    return RESUME_MUST_MATCH
 
 
 def fingerprint(config) -> dict:
+    """The config values a resume must match: the options declared ``resume=True``."""
+    from lorakit.config import resume_keys
+
     data = config.to_dict()
     return {k: data.get(k) for k in resume_keys(config)}
 

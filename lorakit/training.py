@@ -140,11 +140,7 @@ class Trainer:
         from lorakit import lora
 
         config, components = self.config, self.components
-        targets = self.pm.hook.target_modules(config=config, components=components)
-        if targets is None:
-            from lorakit.archbase import default_target_modules
-
-            targets = default_target_modules(self.info, config)
+        targets = _targets(self.pm, self.info, config, components)
         torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
         self.lora_configs = lora.inject_lora(components, targets, config)
         self.trained_text_encoders = [n for n in self.lora_configs if n in self.info.text_encoders]
@@ -191,7 +187,7 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         config, accelerator, progress = self.config, self.accelerator, self.progress
-        self._release_encoders()
+        self.cache.release(drop=config.validation_prompt is None, note=self._say)
         stream = self.batches.micro_batches(self.global_step * config.gradient_accumulation)
         main = accelerator.is_main_process
         if progress is not None and main:
@@ -217,13 +213,6 @@ class Trainer:
         weights = self.save_final()
         log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
         return TrainResult(self.output_dir, weights, self.global_step, self.losses)
-
-    def _release_encoders(self):
-        drop = self.config.validation_prompt is None
-        released = self.cache.release(drop=drop)
-        if released:
-            how = "freed" if drop else "moved to the CPU until sample images"
-            self._say(f"inputs cached: {', '.join(released)} {how}")
 
     def _save_on_interrupt(self):
         """Ctrl-C: keep the work done. The optimizer and weights are those of the last finished
@@ -274,9 +263,19 @@ class Trainer:
                 log.info(text)
 
 
+def _targets(pm, info, config, components) -> dict:
+    """``{component: [layer names]}`` to add LoRA to: the arch's hook, else its data."""
+    targets = pm.hook.target_modules(config=config, components=components)
+    if targets is None:
+        from lorakit.archbase import default_target_modules
+
+        targets = default_target_modules(info, config)
+    return targets
+
+
 def _reset_accelerate_state():
     """accelerate keeps one process-wide state that refuses a second precision; several runs in
-    one process (notebooks, tests, DreamBooth class generation) each get a fresh one."""
+    one process (notebooks, tests, a mode generating class images first) each get a fresh one."""
     from accelerate.state import AcceleratorState, PartialState
 
     if PartialState._shared_state and PartialState().num_processes > 1:

@@ -64,6 +64,16 @@ def test_bucket_list_rules():
     assert make_buckets(1024) == make_buckets(1024)  # no state
 
 
+def test_bucket_sides_keep_the_arch_size_multiple():
+    for resolution in (64, 128, 512, 1024):
+        assert make_buckets(resolution, 8) == make_buckets(resolution)  # the default: unchanged
+        for multiple in (16, 32):
+            found = make_buckets(resolution, multiple)
+            assert (resolution, resolution) in found and len(found) > 1
+            assert all(w % multiple == 0 and h % multiple == 0 for w, h in found)
+    assert any(w % 16 for w, _ in make_buckets(64)) and not any(w % 16 for w, _ in make_buckets(64, 16))
+
+
 def test_nearest_bucket_follows_the_aspect_ratio():
     found = make_buckets(64)
     assert nearest_bucket(96, 64, found) == (80, 48)
