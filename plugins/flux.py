@@ -97,6 +97,17 @@ class Flux(DiffusersArch):
         }
 
     @hookimpl
+    def save_lora(self, components, lora_layers, output_dir, weight_name):
+        # ComfyUI maps CLIP LoRA keys only as `text_encoder.text_model.encoder.*` (transformers 4's
+        # layout, which transformers 5 dropped); diffusers reads both, so write the one both map.
+        layers = dict(lora_layers)
+        if "text_encoder" in layers:
+            state, meta = layers["text_encoder"]
+            layers["text_encoder"] = ({k if k.startswith("text_model.") else "text_model." + k: v
+                                       for k, v in state.items()}, meta)
+        super().save_lora(components, layers, output_dir, weight_name)
+
+    @hookimpl
     def encode_images(self, components, pixel_values, batch):
         from lorakit.archbase import vae_latents
 
