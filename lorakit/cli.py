@@ -157,13 +157,23 @@ def _train_parameters() -> list:
 
     python_type = {bool: bool, int: int, float: float, str: str, list: str}
     seen, params = set(), []
+    owners: dict = {}  # an option several archs declare (e.g. a text length) with their defaults
+    for owner, options in all_options():
+        for option in options:
+            owners.setdefault(option.name, []).append((owner, option))
 
     def add(option):
         if option.name in seen:
             return
         seen.add(option.name)
-        help_text = option.help.replace("[", "\\[") + f" \\[default: {option.shown_default()}]"
-        param = typer.Option(None, *option.cli_flags(), help=help_text, rich_help_panel=option.panel, show_default=False)
+        declared = owners.get(option.name, [])
+        panel, shown = option.panel, option.shown_default()
+        if len({o.shown_default() for _, o in declared}) > 1:
+            panel = "Options of several archs"
+            shown = "; ".join(f"{o.shown_default()} with {who.lstrip('-').replace('arch ', '--arch ')}" for who, o in declared)
+        choices = f" One of: {', '.join(map(str, option.choices))}." if option.choices else ""
+        help_text = (option.help + choices).replace("[", "\\[") + f" \\[default: {shown}]"
+        param = typer.Option(None, *option.cli_flags(), help=help_text, rich_help_panel=panel, show_default=False)
         params.append(
             inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param,
                               annotation=Opt[python_type[option.type]])
