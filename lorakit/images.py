@@ -1,6 +1,9 @@
-"""Turning an image into training pixels: augmentation draws, cropping, resizing, flipping.
+"""Turning an image into training pixels: decoding, augmentation draws, cropping, resizing,
+flipping.
 
-Every draw is a pure function of (seed, epoch, sample key), so a run resumes exactly and
+Every opener of training images (folders, datasets' bytes and paths, class images) decodes
+through :func:`decode_image`, so bucket sizes, crops and pixels all see the same upright RGB
+image. Every draw is a pure function of (seed, epoch, sample key), so a run resumes exactly and
 an image's encoding can be cached per (image, flip). Nothing here imports torch until an
 image is prepared.
 """
@@ -10,6 +13,61 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+
+WHITE = (255, 255, 255)
+_WIDE_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def decode_image(source, background: tuple[int, int, int] = WHITE):
+    """Decode ``source`` (a path, bytes, a binary file or a PIL image) into an 8-bit RGB image
+    as a viewer shows it: EXIF orientation applied, 16/32-bit integer values scaled (not
+    clipped) to 8 bit, transparency composited onto ``background`` (the colour hidden under
+    transparent pixels must not train)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(source), background)
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    with Image.open(source) as img:
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img), background)
+
+
+def to_rgb(image, background: tuple[int, int, int] = WHITE):
+    """``image`` as 8-bit RGB: wide integer modes scaled to 8 bit, alpha composited."""
+    from PIL import Image
+
+    if image.mode in _WIDE_INTEGER_MODES:
+        image = _scaled_to_8_bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scaled_to_8_bit(image):
+    """A 16-bit (or 32-bit) grayscale image as 8-bit ``L``, scaled by its bit depth.
+
+    ``I`` (32-bit signed) is what PIL gives some 16-bit files: values within 0..65535 are
+    taken as 16 bit, larger ones scale from the full 32-bit range."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode != "I" or (low >= 0 and high <= 65535):
+        scaled = values * (255 / 65535)
+    elif low >= 0:
+        scaled = values * (255 / (2**31 - 1))
+    else:
+        scaled = (values + 2**31) * (255 / (2**32 - 1))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -64,7 +122,7 @@ def prepare_image(image, resolution: int, augment: Augment, size: tuple[int, int
     import torch
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     size = size or (resolution, resolution)
     original_size = (image.height, image.width)
     (new_w, new_h), (top, left) = crop_geometry(image.width, image.height, size, Augment(crop_jitter=augment.crop_jitter))

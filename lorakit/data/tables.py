@@ -1,0 +1,90 @@
+"""Anything ``datasets`` loads: a ``save_to_disk`` folder, parquet files, or a hub id.
+
+Images come as bytes, as paths, or decoded; all go through :func:`lorakit.images.decode_image`.
+A relative path is read against the dataset's folder and must resolve inside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.data.samples import CAPTION_COLUMNS, IMAGE_COLUMNS, Sample, inside, pick_column
+from lorakit.errors import LorakitError
+from lorakit.images import decode_image
+
+
+def _load(source, kind: str):
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise LorakitError("reading this --data needs the 'datasets' package; pip install datasets.") from None
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(str(source))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        elif kind == "parquet":
+            files = [str(source)] if Path(source).is_file() else sorted(
+                str(p) for p in Path(source).rglob("*.parquet")
+            )
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset(str(source), split="train")
+    except LorakitError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"--data {source} could not be loaded as a dataset: {first}") from None
+    return ds
+
+
+def _from_datasets(source, caption_column, image_column, kind: str) -> list[Sample]:
+    import datasets
+
+    ds = _load(source, kind)
+    where = f"dataset {source}"
+    columns = list(ds.column_names)
+    image_features = [c for c in columns if type(ds.features[c]).__name__ == "Image"]
+    img_col = pick_column(
+        columns, image_column, tuple(image_features) + IMAGE_COLUMNS, "image", where, "--image-column"
+    )
+    cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", where, "--caption-column")
+    raw = ds.cast_column(img_col, datasets.Image(decode=False)) if img_col in image_features else ds
+    captions = raw[cap_col]
+    images = raw[img_col]
+    fingerprint = getattr(ds, "_fingerprint", str(source))
+    folder = None if kind == "hub" else Path(source) if Path(source).is_dir() else Path(source).parent
+    samples = []
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        if isinstance(caption, list):
+            caption = caption[0] if caption else ""
+        image = _checked_path(image, folder, f"{where} row {i} ({img_col})")
+        caption = "" if caption is None else str(caption).strip()
+        samples.append(Sample(f"{fingerprint}:{i}", caption, _dataset_opener(image), rng_key=str(i)))
+    return samples
+
+
+def _checked_path(value, folder: Path | None, where: str):
+    """A relative image path resolved against ``folder`` and refused outside it; other
+    values (bytes, decoded images, absolute paths) are returned as they are."""
+    path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else value
+    if folder is None or not isinstance(path, str) or Path(path).is_absolute():
+        return value
+    return inside(folder.resolve(), folder / path, where, path)
+
+
+def _dataset_opener(value):
+    def open_image():
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return decode_image(value["bytes"])
+            if value.get("path"):
+                return decode_image(value["path"])
+            raise OSError("image has neither bytes nor path")
+        if isinstance(value, (str, Path)):
+            return decode_image(Path(value))
+        if hasattr(value, "convert"):
+            return decode_image(value)
+        raise OSError(f"unsupported image value of type {type(value).__name__}")
+
+    return open_image
