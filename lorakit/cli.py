@@ -6,6 +6,7 @@ Nothing here imports torch at module level, so ``lorakit --help`` and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -197,16 +198,36 @@ def _train_parameters() -> list:
     return params
 
 
-def _register_train():
-    import inspect
+class _LazyTrain:
+    """``train`` with a signature built on first use: only ``lorakit train`` (and its --help, the
+    docs, the Python API) pays for loading every plugin's declarations; ``list-archs`` and
+    ``--help`` of other commands see an empty one (see :func:`main`)."""
 
-    params = _train_parameters()
-    train.__signature__ = inspect.Signature(params)
-    train.__annotations__ = {p.name: p.annotation for p in params}
-    app.command("train")(train)
+    __name__ = __qualname__ = "train"
+    __doc__ = train.__doc__
+    __module__ = __name__
+    light = False
+
+    def __call__(self, **values):
+        return train(**values)
+
+    @functools.cached_property
+    def _params(self):
+        return _train_parameters()
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.Signature([] if self.light else self._params)
+
+    @property
+    def __annotations__(self):
+        return {} if self.light else {p.name: p.annotation for p in self._params}
 
 
-_register_train()
+_train_command = _LazyTrain()
+app.command("train")(_train_command)
 
 
 @app.command()
@@ -269,6 +290,8 @@ def convert(
 
 
 def main():
+    # Building `train`'s flags loads every plugin's declarations: skip that for other commands.
+    _train_command.light = sys.argv[1:2] != ["train"]
     app()
 
 
