@@ -164,12 +164,20 @@ def test_every_hook_has_a_docstring():
 
 
 def test_every_hook_is_documented_in_the_plugin_guide():
+    """Every hookspec has a section in docs/plugins.md headed by its exact signature, and no
+    section documents a hook that no longer exists."""
     text = DOCS.read_text()
-    for name in _spec_names():
+    names = _spec_names()
+    for name in names:
         spec = getattr(hookspecs, name)
-        args = spec.__code__.co_varnames[: spec.__code__.co_argcount]
+        signature = f"{name}({', '.join(spec.__code__.co_varnames[: spec.__code__.co_argcount])})"
         assert re.search(rf"^#+ `?{name}\(", text, re.M), f"docs/plugins.md has no section for {name}"
-        assert f"{name}({', '.join(args)})" in text, f"docs/plugins.md shows a different signature for {name}"
+        assert re.search(rf"^#+ `?{re.escape(signature)}`?\s*$", text, re.M), (
+            f"docs/plugins.md heads the {name} section with another signature than {signature}"
+        )
+    documented = re.findall(r"^#+ `?(\w+)\(", text, re.M)
+    stale = sorted(set(documented) - set(names))
+    assert not stale, f"docs/plugins.md documents hooks that are not in lorakit/hookspecs.py: {stale}"
 
 
 def test_every_hook_is_called_by_lorakit():
@@ -179,31 +187,100 @@ def test_every_hook_is_called_by_lorakit():
         assert f"hook.{name}(" in source or f'"{name}"' in source, f"lorakit never calls hook {name}"
 
 
-def test_example_plugin_in_the_docs_is_complete(tmp_path):
-    """The docs' example plugin registers cleanly and implements every required hook."""
+def _example_plugin():
+    """The plugin in docs/plugins.md's ```python block starting ``# my_arch.py``: the arch class
+    it defines (a subclass of lorakit.Arch), or the module itself for a module of hooks."""
+    from lorakit import Arch
+
     text = DOCS.read_text()
-    match = re.search(r"```python\n(# my_arch\.py.*?)```", text, re.S)
-    assert match, "docs/plugins.md lost its complete example plugin"
+    match = re.search(r"```python\n(# my_arch\.py\n.*?)```", text, re.S)
+    assert match, "docs/plugins.md lost its complete example plugin (a ```python block starting '# my_arch.py')"
     module = types.ModuleType("my_arch")
     exec(compile(match.group(1), "my_arch.py", "exec"), module.__dict__)
-    plugins.register("docs-example", module)
+    classes = [v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, Arch) and v.__module__ == "my_arch" and "info" in vars(v)]
+    assert len(classes) <= 1, f"the docs example defines several arch classes: {classes}"
+    return classes[0] if classes else module
+
+
+def _first_tensor(output):
+    """The tensor a denoiser's forward returned (a tensor, a tuple, or a diffusers output)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return _first_tensor(output[0])
+    if hasattr(output, "sample"):
+        return output.sample
+    return _first_tensor(next(iter(output.values())))
+
+
+def _denoiser_outputs(pm, components, denoiser, batch, config, seed=0):
+    """Every output of ``components[denoiser]`` while the arch's compute_loss runs on ``batch``
+    with a generator seeded ``seed``: the same noisy inputs for every denoiser compared."""
+    import torch
+
+    seen = []
+    module = components[denoiser]
+    handle = module.register_forward_hook(lambda _m, _args, out: seen.append(_first_tensor(out).detach().float()))
+    try:
+        with torch.no_grad():
+            pm.hook.compute_loss(components=components, batch=dict(batch), config=config,
+                                 generator=torch.Generator().manual_seed(seed))
+    finally:
+        handle.remove()
+    assert seen, f"compute_loss never called the denoiser '{denoiser}'"
+    return seen
+
+
+def test_example_plugin_in_the_docs_is_complete(tmp_path):
+    """The docs' example plugin registers cleanly, trains, and the LoRA file it writes reloads
+    through its own load_pipeline + load_lora to exactly the trained model: the reloaded
+    denoiser gives the trained one's outputs on the same inputs, and differs from the base."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.testing import example_data, tiny_config
+    from lorakit.tiny import make_tiny_model
+    from lorakit.training import Trainer
+
+    plugins.register("docs-example", _example_plugin())
     try:
         pm = plugins.get_plugin_manager("docs-example")
         plugins.require_hooks(pm, "docs-example")
-        assert pm.hook.arch_info().denoiser == "unet"
-
-        from safetensors.torch import load_file
-
-        from lorakit.testing import example_data, tiny_config
-        from lorakit.tiny import make_tiny_model
-        from lorakit.training import Trainer
+        info = pm.hook.arch_info()
+        denoiser = info.denoiser
 
         model = make_tiny_model("docs-example", tmp_path / "model")
-        trainer = Trainer(tiny_config("docs-example", model, example_data(), tmp_path / "out", max_steps=2)).setup()
+        # alpha != rank: a file without the adapter metadata would reload at the wrong scale
+        config = tiny_config("docs-example", model, example_data(), tmp_path / "out", max_steps=2, rank=4, alpha=8)
+        trainer = Trainer(config).setup()
         result = trainer.run()
-        saved = load_file(str(result.weights))
-        trained = {f"unet.{k}": v for k, v in trainer.lora_layers()["unet"][0].items()}
-        assert saved.keys() == trained.keys() and len(saved) > 0
+        assert result.global_step == 2 and result.weights.is_file()
+        assert len(load_file(str(result.weights))) > 0
+
+        trained = trainer.components
+        trained[denoiser].eval()
+        batch = trainer.make_batch(0, list(range(min(2, len(trainer.dataset.examples)))))
+
+        def with_denoiser(pipeline):
+            module = getattr(pipeline, denoiser, None)
+            assert isinstance(module, torch.nn.Module), f"the example's pipeline has no '{denoiser}' module"
+            return {**trained, denoiser: module.to(torch.float32).eval()}
+
+        reloaded = pm.hook.load_pipeline(model_path=model, device="cpu", dtype=torch.float32)
+        pm.hook.load_lora(pipeline=reloaded, path=result.weights, adapter_name="docs")
+        base = pm.hook.load_pipeline(model_path=model, device="cpu", dtype=torch.float32)
+
+        want = _denoiser_outputs(pm, trained, denoiser, batch, trainer.config)
+        got = _denoiser_outputs(pm, with_denoiser(reloaded), denoiser, batch, trainer.config)
+        plain = _denoiser_outputs(pm, with_denoiser(base), denoiser, batch, trainer.config)
+        assert len(want) == len(got) == len(plain)
+        reload_diff = max(float((a - b).abs().max()) for a, b in zip(want, got))
+        lora_effect = max(float((a - c).abs().max()) for a, c in zip(want, plain))
+        assert reload_diff < 1e-5, f"the reloaded LoRA gives other outputs than the trained one (max diff {reload_diff})"
+        assert lora_effect > 0, "the trained LoRA does not change the denoiser's output"
     finally:
         plugins.unregister("docs-example")
 
