@@ -115,7 +115,7 @@ class EncodingCache:
     # ------------------------------------------------------------------ batches
     def augment(self, epoch, sample) -> Augment:
         c = self.config
-        return augment_for(c.seed, epoch, sample.key, c.random_flip, not c.center_crop)
+        return augment_for(c.seed, epoch, sample.random_key, c.random_flip, not c.center_crop)
 
     def prepare(self, sample, augment):
         """``(pixels, original (h, w), crop (top, left), target (h, w))`` of one sample."""
@@ -152,7 +152,7 @@ class EncodingCache:
             prepared = [self.prepare(s, a) for s, a in zip(samples, augments)]
             images, meta = self.encode_images(prepared), self.meta(prepared)
         c = self.config
-        captions = ["" if caption_dropped(c.seed, epoch, s.key, c.caption_dropout) else s.caption for s in samples]
+        captions = ["" if caption_dropped(c.seed, epoch, s.random_key, c.caption_dropout) else s.caption for s in samples]
         batch = {**images, **meta, "captions": captions}
         if self.cache_prompts:
             if all(t in self.prompt_cache for t in captions):

@@ -187,12 +187,18 @@ def image_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------- dataset
 
 
-def _samples(paths: list[Path], caption: str, prior: int):
+def _samples(paths: list[Path], caption: str, prior: int, folder: Path):
     from lorakit.data import Sample, check_readable
 
-    # The key is the resolved path, as for plain --data folders: the same image gets the
-    # same augmentation and caption dropout in both kinds of run.
-    samples = [Sample(str(p.resolve()), caption, file_opener(p), {PRIOR_KEY: prior}) for p in paths]
+    # As for plain --data folders: the key (cache identity) is the resolved path and random
+    # draws are keyed on the path within the folder, so the same image gets the same
+    # augmentation and caption dropout in both kinds of run, wherever the folder lives.
+    root = folder.resolve()
+    samples = [
+        Sample(str(p.resolve()), caption, file_opener(p), {PRIOR_KEY: prior},
+               rng_key=("class/" if prior else "") + p.resolve().relative_to(root).as_posix())
+        for p in paths
+    ]
     return check_readable(samples) if samples else samples
 
 
@@ -209,14 +215,14 @@ def build_pairs(config, components, pm):
 
     check_options(config)
     instance_dir = Path(config.instance_data).expanduser()
-    instances = _samples(image_files(instance_dir), config.instance_prompt, 0)
+    instances = _samples(image_files(instance_dir), config.instance_prompt, 0, instance_dir)
     if not instances:
         raise LorakitError(f"--instance-data {instance_dir}: none of its images could be read; check the files.")
     instances = instances * config.repeats
 
     class_dir = class_folder(config)
     class_paths = ensure_class_images(config, components, pm, class_dir)
-    classes = _samples(class_paths, config.class_prompt, 1)
+    classes = _samples(class_paths, config.class_prompt, 1, class_dir)
     if not classes:
         raise LorakitError(
             f"no usable class images in {class_dir}; add some, or raise --num-class-images to generate them."
