@@ -31,12 +31,13 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: Hooks an arch plugin must implement for ``lorakit train`` to run.
+#: A tuple entry means "one of these". ``target_modules`` is not required: without it the core
+#: derives the targets from ``ArchInfo.default_targets``.
 REQUIRED_TRAIN_HOOKS = (
     "arch_info",
     "load_components",
-    "target_modules",
     "encode_images",
-    "encode_prompt",
+    ("encode_prompt", "encode_text"),
     "compute_loss",
     "save_lora",
 )

@@ -132,7 +132,13 @@ def get_plugin_manager(arch: str, modes: tuple[str, ...] | list[str] = ()) -> pl
 
 
 def missing_hooks(pm: pluggy.PluginManager, required=hookspecs.REQUIRED_TRAIN_HOOKS) -> list[str]:
-    return [name for name in required if not getattr(pm.hook, name).get_hookimpls()]
+    """Required hooks without an implementation (``a or b`` for a pair of alternatives)."""
+    missing = []
+    for entry in required:
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not any(getattr(pm.hook, name).get_hookimpls() for name in names):
+            missing.append(" or ".join(names))
+    return missing
 
 
 def require_hooks(pm: pluggy.PluginManager, arch: str, required=hookspecs.REQUIRED_TRAIN_HOOKS) -> None:

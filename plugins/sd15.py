@@ -36,21 +36,22 @@ class SD15(DiffusersArch):
 
     @hookimpl
     def load_components(self, model_path, config, device, weight_dtype):
-        import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from lorakit.diffusion import apply_prediction_type
+        from lorakit.archbase import load_vae
+        from lorakit.objectives.ddpm import apply_prediction_type
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
-        self.check_layout(path)
+        self.check_layout(path, [s for s in self.info.subfolders if s != "vae" or not config.vae])
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         # loaded straight in the run's precision: halves peak host memory under bf16/fp16
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
         check_tokenizer_matches(tokenizer, text_encoder, f"--model {path}")
-        # The VAE stays in fp32: it only encodes (once, when cached) and fp16 VAEs overflow.
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+        # The model's VAE stays in fp32 (it only encodes, once when cached, and SD VAEs overflow
+        # in fp16); a --vae the user passes (e.g. an ft-MSE VAE) runs in the run's precision.
+        vae = load_vae(config, path, device, weight_dtype)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=weight_dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         apply_prediction_type(noise_scheduler, config.prediction_type)
@@ -83,7 +84,7 @@ class SD15(DiffusersArch):
 
     @hookimpl
     def compute_loss(self, components, batch, config, generator):
-        from lorakit.diffusion import denoising_loss
+        from lorakit.objectives.ddpm import denoising_loss
 
         unet = components["unet"]
         hidden = batch["encoder_hidden_states"].to(unet.dtype)

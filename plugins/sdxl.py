@@ -73,7 +73,7 @@ class SDXL(DiffusersArch):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         from lorakit.archbase import load_vae
-        from lorakit.diffusion import apply_prediction_type
+        from lorakit.objectives.ddpm import apply_prediction_type
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
@@ -131,7 +131,7 @@ class SDXL(DiffusersArch):
 
     @hookimpl
     def compute_loss(self, components, batch, config, generator):
-        from lorakit.diffusion import denoising_loss
+        from lorakit.objectives.ddpm import denoising_loss
 
         unet = components["unet"]
         hidden = batch["encoder_hidden_states"].to(unet.dtype)

@@ -52,7 +52,8 @@ def complete_plugin(description="toy arch"):
     ns = types.ModuleType(f"toy_{description.replace(' ', '_')}")
     impl = hookspecs.hookimpl
     ns.arch_info = impl(lambda: ArchInfo(description=description, denoiser="net"))
-    for name in hookspecs.REQUIRED_TRAIN_HOOKS:
+    for entry in hookspecs.REQUIRED_TRAIN_HOOKS:
+        name = entry if isinstance(entry, str) else entry[0]
         if name != "arch_info":
             spec_args = getattr(hookspecs, name).__code__.co_varnames[: getattr(hookspecs, name).__code__.co_argcount]
             setattr(ns, name, impl(_fn(name, spec_args)))
@@ -114,6 +115,16 @@ def test_missing_required_hook_is_named(fake_entry_points):
     with pytest.raises(PluginError, match="does not implement required hook\\(s\\): compute_loss"):
         plugins.require_hooks(pm, "partial")
     assert {r["id"]: r for r in plugins.list_archs()}["partial"]["status"] == "broken"
+
+
+def test_text_conditioning_hook_may_be_either_encode_prompt_or_encode_text(fake_entry_points):
+    plugin = complete_plugin()
+    del plugin.encode_prompt
+    fake_entry_points([FakeEntryPoint("notext", "pkg", "dist", plugin)])
+    with pytest.raises(PluginError, match="required hook\\(s\\): encode_prompt or encode_text"):
+        plugins.require_hooks(plugins.get_plugin_manager("notext"), "notext")
+    plugin.encode_text = hookspecs.hookimpl(_fn("encode_text", ["components", "captions", "encoder"]))
+    plugins.require_hooks(plugins.get_plugin_manager("notext"), "notext")
 
 
 def test_misspelled_hook_is_caught(fake_entry_points):
@@ -316,3 +327,18 @@ def test_without_the_dreambooth_entry_point_no_dreambooth_option_remains(monkeyp
     assert not [k for k in run_options("sd15") if dreamy.search(k)]
     with pytest.raises(LorakitError, match="unknown mode 'dreambooth'"):
         run_options("sd15", ["dreambooth"])
+
+
+def test_every_package_of_the_checkout_is_installed():
+    """pyproject lists packages explicitly (plugins/ installs as lorakit_plugins): a new package
+    missing from the list would work in an editable install and vanish from a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in (("lorakit", "lorakit"), ("plugins", "lorakit_plugins")):
+        for init in (root / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(root / top).parts
+            found.add(".".join((name, *parts)))
+    assert found == listed, f"pyproject packages differ: missing {sorted(found - listed)}, stale {sorted(listed - found)}"

@@ -141,3 +141,25 @@ def test_learns_a_toy_task(tmp_path, lorakit_tiny_model):
     after = trainer.eval_loss(held_out, seed=7, repeats=8)
     print(f"held-out loss {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before, (before, after)
+
+
+def test_vae_replaces_the_models_own_and_a_wrong_one_is_refused(tmp_path, lorakit_tiny_model):
+    """--vae is honoured (not silently ignored): the replacement's weights encode the images."""
+    from diffusers import AutoencoderKL
+
+    from lorakit.errors import LorakitError
+    from lorakit.testing import example_data
+
+    model = lorakit_tiny_model("sd15")
+    own = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    other = AutoencoderKL.from_config(own.config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(tmp_path / "vae")
+    trainer = Trainer(tiny_config("sd15", model, example_data(), tmp_path / "o", vae=str(tmp_path / "vae"))).setup()
+    loaded = trainer.components["vae"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(LorakitError, match=r"--vae .* is a UNet2DConditionModel model, not an AutoencoderKL"):
+        Trainer(tiny_config("sd15", model, example_data(), tmp_path / "o2", vae=str(model / "unet"))).setup()
