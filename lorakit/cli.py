@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from lorakit.errors import LorakitError
 
@@ -58,13 +59,17 @@ def _setup_logging():
 
 
 def _run(fn):
-    """Call ``fn``; a user's mistake becomes one line and exit 1, Ctrl-C exit 130."""
+    """Call ``fn``; a user's mistake becomes one line and exit 1; Ctrl-C (SIGINT) exit 130 and
+    SIGTERM exit 143, each with the command that resumes the run."""
     try:
         return fn()
     except LorakitError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; continue later with --resume latest.", code=130)
+    except KeyboardInterrupt as exc:
+        from lorakit.progress import resume_hint
+
+        note = getattr(exc, "lorakit_note", None) or getattr(exc, "summary", "interrupted")
+        _fail(f"{note}; {resume_hint()}.", code=getattr(exc, "exit_code", 130))
 
 
 @app.command("list-archs")
@@ -198,6 +203,56 @@ def _train_parameters() -> list:
     return params
 
 
+#: Flags of diffusers' and kohya's training scripts that lorakit spells differently.
+FOREIGN_FLAGS = {
+    "--pretrained_model_name_or_path": "--model",
+    "--pretrained_vae_model_name_or_path": "--vae",
+    "--train_data_dir": "--data",
+    "--dataset_name": "--data",
+    "--instance_data_dir": "--instance-data",
+    "--class_data_dir": "--class-data",
+    "--output_dir": "--output",
+    "--max_train_steps": "--max-steps",
+    "--num_train_epochs": "--max-steps",
+    "--max_train_epochs": "--max-steps",
+    "--train_batch_size": "--batch-size",
+    "--gradient_accumulation_steps": "--gradient-accumulation",
+    "--resume_from_checkpoint": "--resume",
+    "--checkpointing_steps": "--checkpoint-every",
+    "--checkpoints_total_limit": "--checkpoints-limit",
+    "--dataloader_num_workers": "--num-workers",
+    "--network_dim": "--rank",
+    "--network_alpha": "--alpha",
+    "--text_encoder_lr": "--text-encoder-lr",
+    "--with_prior_preservation": "--dreambooth",
+}
+#: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
+NOT_YET = {"--report-to": "experiment tracking", "--report_to": "experiment tracking",
+           "--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
+
+
+class _HintingCommand(TyperCommand):
+    """An unknown flag is one error line; a diffusers/kohya spelling gets lorakit's name."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            name = getattr(exc, "option_name", None)
+            if type(exc).__name__ != "NoSuchOption" or not name:
+                raise
+            known = {flag for p in self.params for flag in (*p.opts, *getattr(p, "secondary_opts", ()))}
+            dashed = "--" + name.lstrip("-").replace("_", "-")
+            if name in NOT_YET:
+                _fail(f"{name}: lorakit has no {NOT_YET[name]} yet; drop the flag (the loss is printed as it trains).")
+            hint = FOREIGN_FLAGS.get(name) or (dashed if dashed in known else None)
+            if hint:
+                _fail(f"{name} is not a lorakit flag (that is another tool's spelling); use {hint}.")
+            close = getattr(exc, "possibilities", None) or []
+            guess = f"; did you mean {' or '.join(sorted(close)[:3])}?" if close else "."
+            _fail(f"no such option {name}{guess} See `lorakit {ctx.info_name} --help`.")
+
+
 class _LazyTrain:
     """``train`` with a signature built on first use: only ``lorakit train`` (and its --help, the
     docs, the Python API) pays for loading every plugin's declarations; ``list-archs`` and
@@ -227,10 +282,10 @@ class _LazyTrain:
 
 
 _train_command = _LazyTrain()
-app.command("train")(_train_command)
+app.command("train", cls=_HintingCommand)(_train_command)
 
 
-@app.command()
+@app.command(cls=_HintingCommand)
 def generate(
     arch: str = typer.Option(..., "--arch", help="Architecture id."),
     model: str = typer.Option(..., "--model", help="Base model: hub id or local folder."),

@@ -260,3 +260,20 @@ def test_config_file_value_of_the_wrong_type(sd15, tmp_path, line, needle):
 def test_generate_refuses_an_output_that_is_not_an_image_file(sd15, tmp_path):
     r = run("generate", "--arch", "sd15", "--model", sd15, "--prompt", "x", "--output", tmp_path / "out.txt")
     assert_one_line_error(r, "--output", ".png")
+
+
+@pytest.mark.parametrize(
+    "flag, fix",
+    [
+        ("--pretrained_model_name_or_path", "use --model"),
+        ("--train_data_dir", "use --data"),
+        ("--num_train_epochs", "use --max-steps"),
+        ("--resume_from_checkpoint", "use --resume"),
+        ("--learning_rate", "use --learning-rate"),
+        ("--network_dim", "use --rank"),
+        ("--report_to", "no experiment tracking yet"),
+        ("--resolutio", "did you mean --resolution"),
+    ],
+)
+def test_other_tools_flags_get_lorakits_name(flag, fix):
+    assert_one_line_error(run("train", flag, "x"), flag, fix)
