@@ -52,8 +52,11 @@ def adapter_metadata(lora_config) -> dict:
 def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict:
     """Add a LoRA adapter to each targeted component; return ``{name: LoraConfig}``.
 
-    Only LoRA parameters are left trainable, and they are kept in fp32 whatever the
-    frozen weights' dtype, so mixed precision never updates fp16 weights directly.
+    Every target name must match at least one layer of its component (as PEFT matches: the
+    layer's full name or its dotted suffix), or the run is refused before training, naming
+    the ones that match nothing: a user's ``--target-modules``, or the arch's own defaults
+    (a plugin bug). Only LoRA parameters are left trainable, and they are kept in fp32
+    whatever the frozen weights' dtype, so mixed precision never updates fp16 weights directly.
     """
     import torch
     from peft import inject_adapter_in_model
@@ -63,17 +66,16 @@ def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict
         module = components.get(name)
         if not isinstance(module, torch.nn.Module):
             raise LorakitError(f"LoRA target component '{name}' is not a model of this arch; check --target-modules.")
+        check_targets_match(module, name, module_targets, config)
         lora_config = make_lora_config(config, module_targets)
         try:
             inject_adapter_in_model(lora_config, module, adapter_name=ADAPTER)
         except ValueError as exc:
-            if "not found in the base model" in str(exc) or "Target modules" in str(exc):
-                sample = _example_names(module)
-                raise LorakitError(
-                    f"LoRA targets {', '.join(module_targets)} match no layer of '{name}'; "
-                    f"pick names such as {sample}."
-                ) from None
-            raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LorakitError(
+                f"LoRA targets {', '.join(module_targets)} of '{name}' cannot take a LoRA ({first[:200]}); "
+                f"pick Linear or Conv layers such as {_example_names(module)}."
+            ) from None
         for pname, param in module.named_parameters():
             if "lora_" in pname:
                 param.data = param.data.float()
@@ -84,7 +86,37 @@ def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict
     return configs
 
 
-def _example_names(module, limit=6) -> str:
+def _matches(layer: str, target: str) -> bool:
+    """PEFT's rule for a list of target names: the full name, or a dotted suffix of it."""
+    return layer == target or layer.endswith("." + target)
+
+
+def check_targets_match(module, component: str, module_targets, config) -> None:
+    """Refuse target names that match no layer of ``component``, in one line: the user's
+    (``--target-modules``) or, for names the user did not give, the arch's (a plugin bug)."""
+    from lorakit.errors import PluginError
+
+    layers = [n for n, _ in module.named_modules() if n]
+    missing = [t for t in module_targets if not any(_matches(n, t) for n in layers)]
+    if not missing:
+        return
+    given = set(getattr(config, "target_modules", None) or ())
+    users = [t for t in missing if t in given]
+    examples = _example_names(module, near=missing)
+    if users:
+        raise LorakitError(
+            f"--target-modules {', '.join(users)} match no layer of '{component}'; pick names such as {examples}."
+        )
+    raise PluginError(
+        f"arch plugin '{config.arch}': its LoRA targets for '{component}' (ArchInfo.default_targets or the "
+        f"target_modules hook) name {', '.join(missing)}, which match no layer; layers are named like {examples}."
+    )
+
+
+def _example_names(module, limit=6, near=()) -> str:
+    """Short target names that do match layers of ``module``; the ones closest to ``near`` first."""
+    import difflib
+
     import torch
 
     names = []
@@ -93,9 +125,11 @@ def _example_names(module, limit=6) -> str:
             short = ".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
             if short not in names:
                 names.append(short)
-        if len(names) >= limit:
-            break
-    return ", ".join(names)
+    close = []
+    for wrong in near:
+        close += [c for c in difflib.get_close_matches(wrong, names, n=2, cutoff=0.6) if c not in close]
+    ordered = close + [n for n in names if n not in close]
+    return ", ".join(ordered[:limit])
 
 
 def lora_parameters(module) -> list:
@@ -111,10 +145,26 @@ def lora_state_dict(module) -> dict:
 
 
 def lora_layers(components: dict, lora_configs: dict) -> dict:
-    """``{component: (state_dict, metadata)}`` as the ``save_lora`` hook receives it."""
-    return {
-        name: (lora_state_dict(components[name]), adapter_metadata(cfg)) for name, cfg in lora_configs.items()
-    }
+    """``{component: (state_dict, metadata)}`` as the ``save_lora`` hook receives it; refuses
+    (one line) a non-finite weight, so none can reach a checkpoint or the final file."""
+    out = {}
+    for name, cfg in lora_configs.items():
+        state = lora_state_dict(components[name])
+        check_finite(state, name)
+        out[name] = (state, adapter_metadata(cfg))
+    return out
+
+
+def check_finite(state: dict, component: str) -> None:
+    """Refuse a state dict holding NaN or inf, naming the first such tensor."""
+    import torch
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LorakitError(
+                f"LoRA weight {component}.{key} is not finite (NaN or inf), so it was not saved; "
+                "lower --learning-rate and train again from the last checkpoint."
+            )
 
 
 def count_lora_layers(module) -> int:

@@ -1,14 +1,18 @@
 """One optimizer step: ``gradient_accumulation`` micro-batches -> loss -> backward -> one
 gradient reduction across processes -> guarded update.
 
-The update is guarded: a non-finite loss skips it (every process decides the same, the
-loss being averaged with the gradients), a run of them stops with a clear error, and the
-RNG states at the end of each finished step are recorded so that a Ctrl-C between steps
-saves a checkpoint that resumes exactly.
+The update is guarded: a non-finite loss or gradient skips it, and an update that leaves a
+LoRA weight non-finite (a huge learning rate) is undone, parameters and optimizer state
+both, so a non-finite tensor never reaches a checkpoint or the final file. Every process
+decides the same (the loss is averaged with the gradients, and the weights are identical).
+A run of bad steps stops with a clear error, and the RNG states at the end of each
+finished step are recorded so that a Ctrl-C between steps saves a checkpoint that resumes
+exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -31,6 +35,82 @@ def check_per_sample_loss(loss, arch: str, rows: int):
             got += f" of {loss.dtype}"
         raise PluginError(f"arch plugin '{arch}': compute_loss returned {got}, expected (B,) = ({rows},)")
     return loss
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of ``tensors`` is finite: one fused check over their
+    concatenation (one device sync), exact for huge but finite values."""
+    import torch
+
+    tensors = [t.detach().reshape(-1) for t in tensors if t is not None]
+    if not tensors:
+        return True
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return bool(torch.isfinite(torch.cat([t.to(dtype) for t in tensors])).all())
+
+
+class UpdateUndo:
+    """What one optimizer step changes (the LoRA parameters and their optimizer state), copied
+    before the step into buffers reused from step to step, so a bad update can be undone."""
+
+    def __init__(self, params, optimizer):
+        self.params = list(params)
+        #: the optimizer holding the state (accelerate wraps it)
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self._params = None
+        self._state: dict = {}
+
+    def save(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            if self._params is None:
+                self._params = [p.detach().clone() for p in self.params]
+            else:
+                torch._foreach_copy_(self._params, [p.detach() for p in self.params])
+            state = self.optimizer.state
+            for i, p in enumerate(self.params):
+                old = self._state.get(i)
+                if p not in state or not state[p]:
+                    self._state[i] = None
+                    continue
+                old = old or {}
+                self._state[i] = {k: _copy_into(old.get(k), v) for k, v in state[p].items()}
+
+    def state_tensors(self) -> list:
+        """The optimizer's floating-point state tensors of the LoRA parameters (moments etc.)."""
+        import torch
+
+        state = self.optimizer.state
+        return [v for p in self.params if p in state for v in state[p].values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self._params)
+            state = self.optimizer.state
+            for i, p in enumerate(self.params):
+                saved = self._state.get(i)
+                if saved is None:
+                    state.pop(p, None)
+                else:
+                    state[p] = {k: _copy_into(None, v) for k, v in saved.items()}
+
+
+def _copy_into(buffer, value):
+    """``value`` copied, into ``buffer`` when that is a tensor of the same kind."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return copy.deepcopy(value)
+    if (isinstance(buffer, torch.Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype
+            and buffer.device == value.device):
+        return buffer.copy_(value)
+    return value.detach().clone()
 
 
 def flatten_grads(params):
@@ -79,6 +159,7 @@ def make_optimizer(components, lora_configs, text_encoders, config, accelerator)
     from lorakit import lora
 
     c = config
+    check_fits_float32(c)
     groups = []
     for name in lora_configs:
         lr = c.text_encoder_lr if name in text_encoders and c.text_encoder_lr else c.learning_rate
@@ -91,6 +172,29 @@ def make_optimizer(components, lora_configs, text_encoders, config, accelerator)
     return params, accelerator.prepare_optimizer(optimizer), scheduler
 
 
+def check_fits_float32(config) -> None:
+    """Refuse optimizer settings the fp32 update cannot hold (torch raises an overflow
+    RuntimeError mid-step for them): AdamW's first step size, lr / (1 - beta1), and the
+    learning rates' product with the weight decay."""
+    import torch
+
+    top = float(torch.finfo(torch.float32).max)
+    rates = [("--learning-rate", config.learning_rate)]
+    if config.text_encoder_lr:
+        rates.append(("--text-encoder-lr", config.text_encoder_lr))
+    for flag, lr in rates:
+        if lr / (1 - config.adam_beta1) > top:
+            raise LorakitError(
+                f"{flag} {lr:g} is beyond float32's range for AdamW (lr / (1 - --adam-beta1) must stay under "
+                f"{top:.3g}); use a learning rate such as 1e-4."
+            )
+        if lr * config.adam_weight_decay > top:
+            raise LorakitError(
+                f"{flag} {lr:g} times --adam-weight-decay {config.adam_weight_decay:g} is beyond float32's range; "
+                "lower one of them (defaults 1e-4 and 0.01)."
+            )
+
+
 class Stepper:
     """Takes optimizer steps over a stream of micro-batches; ``state`` is the run's TrainState."""
 
@@ -98,7 +202,9 @@ class Stepper:
         self.state, self.cache, self.pm = state, cache, pm
         self.accelerator, self.params, self.config = accelerator, params, config
         self.bad_steps = 0
+        self._bad_kinds: set = set()
         self.updating = False
+        self.undo = UpdateUndo(params, state.optimizer)
         #: RNG states at the end of the last finished step (what a Ctrl-C checkpoint saves)
         self.finished_rng = None
 
@@ -129,13 +235,15 @@ class Stepper:
         self.updating = True
         step_loss = reduce_across_processes(accelerator, self.params, step_loss, accelerator.device)
         finite = math.isfinite(step_loss)
-        self._update(finite or config.mixed_precision == "fp16")
+        bad = self._update(finite or config.mixed_precision == "fp16")
+        if not finite:
+            bad = "loss"
         state.global_step += 1
         # the step is finished: a Ctrl-C from here on (checkpoint, samples) must save the RNG
         # as it is now, as a regular checkpoint would, not as it was when the step began
         self.finished_rng = rng_now(state.generator)
         self.updating = False
-        self._count_bad(finite, step_loss)
+        self._count_bad(bad, step_loss)
         return step_loss, step_metrics
 
     def rewind_to_finished_step(self) -> bool:
@@ -155,27 +263,66 @@ class Stepper:
         torch.set_rng_state(torch_state)
         return True
 
-    def _update(self, apply: bool) -> None:
+    def _update(self, apply: bool) -> str | None:
+        """Apply the update when ``apply`` and it is sound; ``"gradients"`` or ``"weights"`` when
+        it was skipped or undone for what it would have made non-finite, else None."""
+        bad = None
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        if apply and not scaled and not all_finite([p.grad for p in self.params]):
+            # (a grad scaler, fp16, finds and skips non-finite gradients itself)
+            apply, bad = False, "gradients"
         if apply:
             if self.config.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.undo.save()
             self.state.optimizer.step()
+            # the moments too: a finite update can still overflow them (g**2 past fp32's range)
+            if not all_finite(self.params + self.undo.state_tensors()):
+                self.undo.restore()
+                bad = "weights"
         self.state.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # a skipped (non-finite) first step makes torch warn about the call order; the
             # schedule advances anyway so it stays aligned with the step count on resume
             warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
             self.state.lr_scheduler.step()
+        return bad
 
-    def _count_bad(self, finite: bool, step_loss: float) -> None:
-        if finite:
-            self.bad_steps = 0
+    def _count_bad(self, bad: str | None, step_loss: float) -> None:
+        """Warn about a skipped or undone update; stop after MAX_BAD_STEPS of them in a row."""
+        if bad is None:
+            self.bad_steps, self._bad_kinds = 0, set()
             return
         self.bad_steps += 1
+        self._bad_kinds.add(bad)
         step = self.state.global_step
-        log.warning("step %d: loss is %s; update skipped", step, step_loss)
-        if self.bad_steps >= MAX_BAD_STEPS:
+        if bad == "loss":
+            log.warning("step %d: loss is %s; update skipped", step, step_loss)
+        elif bad == "gradients":
+            log.warning("step %d: gradients are not finite (loss %g); update skipped", step, step_loss)
+        else:
+            log.warning("step %d: the update made LoRA weights (or their optimizer state) non-finite; undone", step)
+        if self.bad_steps < MAX_BAD_STEPS:
+            return
+        lr = f"{self.config.learning_rate:g}"
+        n = self.bad_steps
+        if self._bad_kinds == {"loss"}:
             raise LorakitError(
-                f"loss was not finite for {self.bad_steps} steps in a row (last at step {step}); "
+                f"loss was not finite for {n} steps in a row (last at step {step}); "
                 "lower --learning-rate, use --mixed-precision bf16 or no, or an fp16-safe VAE."
             )
+        if self._bad_kinds == {"weights"}:
+            raise LorakitError(
+                f"the update made LoRA weights (or their optimizer state) non-finite for {n} steps in a row (last at step {step}) and was "
+                f"undone each time; lower --learning-rate (now {lr}) or set --max-grad-norm."
+            )
+        if self._bad_kinds == {"gradients"}:
+            raise LorakitError(
+                f"gradients were not finite for {n} steps in a row (last at step {step}) though the loss was; "
+                f"lower --learning-rate (now {lr}) or use --mixed-precision no; if it persists, the arch "
+                f"plugin '{self.config.arch}' compute_loss is at fault."
+            )
+        raise LorakitError(
+            f"{n} updates in a row were skipped for non-finite loss, gradients or weights (last at step {step}); "
+            f"lower --learning-rate (now {lr}) or use --mixed-precision no."
+        )
