@@ -425,3 +425,22 @@ def test_sd35_encoders_while_caching_on_the_meta_device():
     print("\nencoder params:", {k: f"{v:,}" for k, v in counts.items()})
     print(f"while caching (bf16 encoders + transformer, fp32 VAE): {caching:.1f} GiB of weights")
     assert 4.7e9 < counts["t5"] < 4.8e9 and 6.9e8 < counts["clip_g"] < 7.0e8 and 1.2e8 < counts["clip_l"] < 1.3e8
+
+
+def test_bf16_run_keeps_the_base_in_bf16_and_lora_in_fp32(sd3_model, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # accelerate's process-wide precision: clear it around a bf16 run
+    try:
+        config = sd3_config(sd3_model, example_data(), tmp_path / "out", mixed_precision="bf16", max_steps=2,
+                            train_text_encoder=True)
+        trainer = Trainer(config).setup()
+        comps = trainer.components
+        assert comps["vae"].dtype == torch.float32  # it only encodes, once
+        for name in WITH_TE:
+            dtypes = {(("lora_" in n), p.dtype) for n, p in comps[name].named_parameters()}
+            assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}, (name, dtypes)
+        result = trainer.run()
+        assert all(torch.isfinite(torch.tensor(result.losses)))
+    finally:
+        AcceleratorState._reset_state()
