@@ -1,38 +1,99 @@
 """The output folder: what a run may do with ``--output``, and what it writes there (final
-LoRA, run config, model card, sample images). Files lorakit did not write are never touched.
+LoRA, run config, model card, sample images, checkpoints).
+
+Files lorakit did not write are never touched: every path a run writes is recorded in
+``lorakit_manifest.json`` (before it is written), ``--overwrite`` removes only recorded paths,
+and a recorded name is never written over a file that is not lorakit's. Every file is
+published by an atomic rename once complete (see :mod:`lorakit.fsutil`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
+from lorakit import fsutil
 from lorakit.errors import LorakitError
-from lorakit.state import CHECKPOINT_RE, STATE_FILE, list_checkpoints, step_of
+from lorakit.state import CHECKPOINT_RE, STATE_FILE, fingerprint, list_checkpoints, step_of
 
 log = logging.getLogger("lorakit")
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_CONFIG = "lorakit_config.json"
+MANIFEST = "lorakit_manifest.json"
 #: Where the model card goes when --output already has a README.md that lorakit did not write.
 CARD_FALLBACK = "lorakit_model_card.md"
+_CARD_START = "---\nlibrary_name: diffusers\ntags: [lora, text-to-image, lorakit]\n---\n# LoRA trained with lorakit\n"
+_SAMPLE = re.compile(r"^samples/step-\d{6}-\d+\.png$")
+_FINAL_TMP = f".lorakit-final{fsutil.TMP_SUFFIX}"
+
+
+# ---------------------------------------------------------------------------- what lorakit wrote
+def recorded(output_dir: Path) -> list[str] | None:
+    """The paths (relative) lorakit recorded writing in ``output_dir``; None without a manifest."""
+    try:
+        paths = json.loads((output_dir / MANIFEST).read_text())["paths"]
+        return [p for p in paths if isinstance(p, str)]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        log.warning("%s/%s is unreadable; only lorakit's own file names count as its files", output_dir, MANIFEST)
+        return None
+
+
+def _legacy_artifacts(output_dir: Path) -> list[str]:
+    """A folder written before manifests: lorakit's files by their names, when the folder holds
+    a lorakit run at all (its run config or a checkpoint)."""
+    checkpoints = [p.name for p in list_checkpoints(output_dir)]
+    if not (output_dir / RUN_CONFIG).is_file() and not checkpoints:
+        return []
+    names = [n for n in (WEIGHT_NAME, RUN_CONFIG, CARD_FALLBACK) if (output_dir / n).is_file()]
+    if _is_lorakit_card(output_dir / "README.md"):
+        names.append("README.md")
+    if (output_dir / "samples").is_dir():
+        names += sorted(f"samples/{p.name}" for p in (output_dir / "samples").iterdir() if _SAMPLE.match(f"samples/{p.name}"))
+    return names + checkpoints
+
+
+def _ours(output_dir: Path) -> list[str]:
+    paths = recorded(output_dir)
+    return _legacy_artifacts(output_dir) if paths is None else paths
+
+
+def record(output_dir: Path, *paths: str) -> None:
+    """Add ``paths`` to the manifest (a folder from before manifests first adopts its
+    lorakit-named files)."""
+    known = _ours(output_dir)
+    new = [p for p in paths if p not in known]
+    if new or not (output_dir / MANIFEST).is_file():
+        data = json.dumps({"paths": known + new}, indent=1).encode()
+        fsutil.replace_file(output_dir / MANIFEST, data)
+
+
+def _claim(output_dir: Path, name: str) -> Path:
+    """``output_dir / name``, recorded as lorakit's; refused when a file of someone else's is there."""
+    path = output_dir / name
+    if (path.exists() or path.is_symlink()) and name not in _ours(output_dir):
+        raise LorakitError(f"--output {output_dir} holds {name}, which lorakit did not write; "
+                           "move it away or choose another --output.")
+    record(output_dir, name)
+    return path
 
 
 def _earlier_run_artifacts(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
-    names = [output_dir / WEIGHT_NAME, output_dir / RUN_CONFIG, output_dir / "samples", output_dir / CARD_FALLBACK]
-    card = output_dir / "README.md"
-    if _is_lorakit_card(card):
-        names.append(card)
-    return [p for p in names if p.exists()] + list_checkpoints(output_dir)
+    return [output_dir / p for p in _ours(output_dir) if (output_dir / p).exists()]
 
 
 def _is_lorakit_card(path: Path) -> bool:
-    return path.is_file() and "trained with lorakit" in path.read_text(errors="replace")
+    return path.is_file() and path.read_text(errors="replace").startswith(_CARD_START)
 
 
+# ---------------------------------------------------------------------------- what a run may do
 def _newer_checkpoints(output_dir: Path, checkpoint: Path) -> list[Path]:
     """Checkpoints in ``output_dir`` later than ``checkpoint`` when that one belongs to it."""
     if checkpoint.expanduser().resolve().parent != output_dir.resolve():
@@ -48,15 +109,24 @@ def _resumes_from_elsewhere(output_dir: Path, resume: str) -> bool:
     return resume != "latest" and Path(resume).expanduser().resolve().parent != output_dir.resolve()
 
 
+def _refuse_foreign_files(output_dir: Path) -> None:
+    ours = _ours(output_dir)
+    for name in (WEIGHT_NAME, RUN_CONFIG):
+        if (output_dir / name).exists() and name not in ours:
+            raise LorakitError(f"--output {output_dir} holds {name}, which lorakit did not write; "
+                               "move it away or choose another --output.")
+
+
 def check_output_dir(output_dir: Path, config) -> Path | None:
     """Decide what a run may do with ``--output``, touching nothing; return the checkpoint to
-    resume from, if any.
+    resume from (for ``--resume latest`` the newest, damaged or not), if any.
 
     An output folder holding an earlier run is refused unless ``--resume`` (continue it)
     or ``--overwrite`` (replace lorakit's own files in it, see :func:`clear_earlier_run`).
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise LorakitError(f"--output {output_dir} is a file; pass a folder.")
+    _refuse_foreign_files(output_dir)
     resume = config.resume
     if not resume:
         earlier = _earlier_run_artifacts(output_dir)
@@ -67,18 +137,13 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
             )
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
+        found = list_checkpoints(output_dir, complete=False)
         if found:
             return found[-1]
-        if _earlier_run_artifacts(output_dir):
-            raise LorakitError(
-                f"--resume latest: {output_dir} holds a finished or checkpoint-less run; "
-                "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."
-            )
-        log.info("--resume latest: no checkpoint in %s yet, starting from step 0", output_dir)
+        _start_latest_from_zero(output_dir, config)
         return None
     path = Path(resume).expanduser()
-    if not (path / STATE_FILE).is_file():
+    if not (path / STATE_FILE).is_file() and not (path / "lorakit_checksums.json").is_file():
         raise LorakitError(
             f"--resume {resume} is not a lorakit checkpoint folder (no {STATE_FILE}); pass checkpoint-N or 'latest'."
         )
@@ -99,9 +164,35 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
     return path
 
 
+def _start_latest_from_zero(output_dir: Path, config) -> None:
+    """``--resume latest`` before the first checkpoint: the same run starts again from step 0
+    (a job script may always pass it); another run's settings are refused, naming them."""
+    earlier = _earlier_run_artifacts(output_dir)
+    if not earlier or config.overwrite:
+        log.info("--resume latest: no checkpoint in %s yet; starting from step 0", output_dir)
+        return
+    try:
+        saved = json.loads((output_dir / RUN_CONFIG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or (output_dir / WEIGHT_NAME).exists():
+        raise LorakitError(
+            f"--resume latest: {output_dir} holds a finished or checkpoint-less run; "
+            "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."
+        )
+    now = json.loads(json.dumps(fingerprint(config)))
+    different = [k for k in now if k in saved and saved[k] != now[k]]
+    if different:
+        details = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in different)
+        raise LorakitError(f"--resume latest: {output_dir} holds a run with other settings ({details}) and no "
+                           "checkpoint yet; use the same settings, --overwrite to replace it, or another --output.")
+    log.info("--resume latest: %s has this run's settings but no checkpoint yet; starting from step 0", output_dir)
+
+
 def clear_earlier_run(output_dir: Path, config) -> None:
     """With ``--overwrite`` (and no resume of this folder's own run), remove lorakit's own files
-    of an earlier run.
+    of an earlier run: only paths it recorded writing (or, in a folder from before manifests,
+    its own file names).
 
     Called only once the new run has loaded its model and data, so a run that fails on a
     bad input never costs the user the earlier one. Files lorakit did not write stay.
@@ -111,17 +202,29 @@ def clear_earlier_run(output_dir: Path, config) -> None:
         for newer in _newer_checkpoints(output_dir, Path(config.resume).expanduser()):
             shutil.rmtree(newer)
             log.info("--overwrite: removed %s (newer than the resumed checkpoint)", newer.name)
-    if not config.overwrite or (config.resume and not _resumes_from_elsewhere(output_dir, config.resume)):
+    resuming_here = config.resume and not _resumes_from_elsewhere(output_dir, config.resume)
+    if config.resume == "latest" and not list_checkpoints(output_dir, complete=False):
+        resuming_here = False  # nothing to resume: a fresh start, like a run without --resume
+    if not config.overwrite or resuming_here:
         return
     earlier = _earlier_run_artifacts(output_dir)
+    for p in earlier:  # folders other than checkpoints go only once empty: they may hold the user's files
+        if not p.is_dir() or CHECKPOINT_RE.match(p.name):
+            fsutil.remove_tree(p)
     for p in earlier:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir() and not CHECKPOINT_RE.match(p.name) and not any(p.iterdir()):
+            p.rmdir()
+    samples = output_dir / "samples"
+    if samples.is_dir() and not any(samples.iterdir()) and any(p.parent == samples for p in earlier):
+        samples.rmdir()
+    (output_dir / MANIFEST).unlink(missing_ok=True)
     if earlier:
         log.info("--overwrite: removed the earlier run's files from %s", output_dir)
 
 
+# ---------------------------------------------------------------------------- what a run writes
 def write_run_config(output_dir: Path, config) -> None:
-    (output_dir / RUN_CONFIG).write_text(config.to_json())
+    fsutil.replace_file(_claim(output_dir, RUN_CONFIG), config.to_json().encode())
 
 
 def write_lora(pm, components, lora_layers: dict, folder: Path, arch: str) -> Path:
@@ -134,8 +237,57 @@ def write_lora(pm, components, lora_layers: dict, folder: Path, arch: str) -> Pa
     return path
 
 
+def write_final_lora(write, output_dir: Path, need: int | None = None) -> Path:
+    """The run's adapter: ``write(folder)`` fills a temporary folder, whose files are fsynced and
+    renamed into ``output_dir`` once all are complete (a full disk publishes nothing)."""
+    tmp = output_dir / _FINAL_TMP
+    fsutil.remove_tree(tmp)
+    try:
+        write(tmp)
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name in names:
+            fsutil.fsync_file(tmp / name)
+            _claim(output_dir, name)
+        for name in names:
+            fsutil.publish(tmp / name, output_dir / name)
+    except BaseException as exc:
+        need = max(need or 0, fsutil.tree_size(tmp) if tmp.exists() else 0) or None
+        fsutil.remove_tree(tmp)
+        if fsutil.is_disk_full(exc):
+            raise disk_full(output_dir, need, f"the final LoRA ({WEIGHT_NAME})") from None
+        raise
+    fsutil.remove_tree(tmp)
+    return output_dir / WEIGHT_NAME
+
+
+def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None) -> Path:
+    """``state.save`` recorded in the manifest; a full disk is one line saying what to do."""
+    name = f"checkpoint-{state.global_step}"
+    record(output_dir, name)
+    try:
+        return state.save(output_dir, write_lora, limit, process_rng)
+    except Exception as exc:
+        if not fsutil.is_disk_full(exc):
+            raise
+        earlier = list_checkpoints(output_dir)
+        need = fsutil.tree_size(earlier[-1]) if earlier else state.estimated_size()
+        raise disk_full(output_dir, need, name) from None
+
+
+def disk_full(output_dir: Path, need: int | None, what: str) -> LorakitError:
+    earlier = list_checkpoints(output_dir)
+    since = f"continues from {earlier[-1].name}" if earlier else "starts again from step 0"
+    return LorakitError(
+        f"disk full writing {what} to {output_dir} (it needs about {fsutil.human_size(need)}, "
+        f"{fsutil.human_size(fsutil.free_space(output_dir))} free); free some space, then run the same command "
+        f"with --resume latest ({since}; earlier checkpoints are intact)."
+    )
+
+
 def write_samples(pm, components, config, autocast, resolution: int, folder: Path, step: int) -> None:
     """Sample images of ``config.validation_prompt`` (when the arch can generate)."""
+    import io
+
     import torch
 
     pipeline = pm.hook.build_pipeline(components=components, config=config)
@@ -148,19 +300,25 @@ def write_samples(pm, components, config, autocast, resolution: int, folder: Pat
             pipeline=pipeline, prompts=[config.validation_prompt], generator=generator,
             num_inference_steps=25, resolution=resolution, guidance_scale=None,
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    output_dir = folder.parent
+    if not folder.is_dir():
+        record(output_dir, folder.name)
+        folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(folder / f"step-{step:06d}-{i}.png")
+        name = f"{folder.name}/step-{step:06d}-{i}.png"
+        try:
+            path = _claim(output_dir, name)
+        except LorakitError:
+            log.warning("%s/%s is not lorakit's; sample image not written", output_dir, name)
+            continue
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        fsutil.replace_file(path, buffer.getvalue())
 
 
 def write_model_card(output_dir: Path, config, info, steps: int) -> None:
     targets = ", ".join(config.target_modules) if config.target_modules else "arch defaults"
-    text = f"""---
-library_name: diffusers
-tags: [lora, text-to-image, lorakit]
----
-# LoRA trained with lorakit
-
+    text = f"""{_CARD_START}
 - arch: `{config.arch}` ({info.description})
 - base model: `{config.model}`
 - rank {config.rank}, alpha {config.lora_alpha:g}, targets: {targets}
@@ -171,8 +329,9 @@ Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Load it with
 `lorakit generate --arch {config.arch} --model {config.model} --lora {WEIGHT_NAME} --prompt "..."`
 or, where the pipeline supports it, `pipeline.load_lora_weights(folder, weight_name="{WEIGHT_NAME}")`.
 """
-    card = output_dir / "README.md"
-    if card.exists() and not _is_lorakit_card(card):  # the user's own README stays as it is
-        card = output_dir / CARD_FALLBACK
-        log.info("%s/README.md is not a lorakit model card; wrote the card to %s", output_dir, card.name)
-    card.write_text(text)
+    name = "README.md"
+    card = output_dir / name
+    if (card.exists() or card.is_symlink()) and name not in _ours(output_dir):  # the user's README stays
+        name = CARD_FALLBACK
+        log.info("%s/README.md is not a lorakit model card; wrote the card to %s", output_dir, name)
+    fsutil.replace_file(_claim(output_dir, name), text.encode())

@@ -7,8 +7,10 @@ of diffusion training is too noisy to read).
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
+from pathlib import Path
 
 
 class _Smoother:
@@ -113,3 +115,21 @@ def make_progress():
     if sys.stdout.isatty():
         return RichProgress()
     return PlainProgress()
+
+
+def resume_hint(argv=None) -> str:
+    """How to continue a stopped run: this process's own ``train`` command with ``--resume
+    latest`` when it is known (run from the command line), else the rule."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] != "train" or Path(argv[0]).name not in ("lorakit", "cli.py", "__main__.py"):
+        return "continue with the same command plus --resume latest"
+    args, skip = [], False
+    for arg in argv[2:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            args.append(arg)
+    return "continue with: " + shlex.join(["lorakit", "train", *args, "--resume", "latest"])

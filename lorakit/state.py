@@ -5,8 +5,9 @@ weights (fp32, ``lora_params.safetensors``), optimizer and LR-scheduler state
 (``torch.load(weights_only=True)``, never plain unpickling), every process's RNG states,
 the grad scaler, the step, the process count and the config fingerprint
 (``training_state.json``); plus a ``pytorch_lora_weights.safetensors`` usable on its own.
-A checkpoint is written to a temporary folder and renamed, so an interrupted save never
-becomes the "latest".
+A checkpoint is written to a temporary folder, every file fsynced, sealed with the sha256 of
+each file (``lorakit_checksums.json``, written last) and only then renamed, so an interrupted
+save never becomes the "latest" and later damage is found before a resume trusts it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit import fsutil
 from lorakit.errors import LorakitError
 
 log = logging.getLogger("lorakit")
@@ -25,6 +27,7 @@ log = logging.getLogger("lorakit")
 STATE_FILE = "training_state.json"
 PARAMS_FILE = "lora_params.safetensors"
 RNG_FILE = "rng_state.safetensors"
+CHECKSUMS = "lorakit_checksums.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -36,13 +39,15 @@ def fingerprint(config) -> dict:
     return {k: data.get(k) for k in resume_keys(config)}
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
+def list_checkpoints(output_dir: Path, complete: bool = True) -> list[Path]:
+    """``checkpoint-N`` folders, oldest first; ``complete=False``: also those missing their state
+    file (damaged, to be named when a resume skips them)."""
     if not output_dir.is_dir():
         return []
     found = []
     for p in output_dir.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and (not complete or (p / STATE_FILE).is_file()):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -115,8 +120,13 @@ class TrainState:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        write_lora(tmp)
-        self._write(tmp, process_rng)
+        try:
+            write_lora(tmp)
+            self._write(tmp, process_rng)
+            fsutil.seal(tmp, CHECKSUMS)
+        except BaseException:  # a full disk, a kill: never leave half a checkpoint behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # Swap in the new folder before deleting an old one of the same step: a crash in
         # between leaves one complete checkpoint, never none.
         aside = output_dir / f".checkpoint-{step}.old"
@@ -124,7 +134,7 @@ class TrainState:
             if aside.exists():
                 shutil.rmtree(aside)
             final.rename(aside)
-        tmp.rename(final)
+        fsutil.publish(tmp, final)
         if aside.exists():
             shutil.rmtree(aside)
         if limit:
@@ -135,14 +145,26 @@ class TrainState:
                 log.info("removed %s (--checkpoints-limit %d)", old.name, limit)
         return final
 
+    def estimated_size(self) -> int:
+        """Bytes a checkpoint takes: the LoRA twice (fp32 copy and adapter file), AdamW's two
+        moments, and a little for the rest."""
+        return sum(p.numel() * 4 for p in self.lora_params().values()) * 4 + (64 << 10)
+
     def _write(self, folder: Path, process_rng) -> None:
+        import io
+
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        def write_torch(name, obj):
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            fsutil.write_bytes(folder / name, buffer.getvalue())
 
         params = {k: p.detach().to("cpu").contiguous() for k, p in self.lora_params().items()}
-        save_file(params, str(folder / PARAMS_FILE))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+        fsutil.write_bytes(folder / PARAMS_FILE, save(params))
+        write_torch("optimizer.pt", self.optimizer.state_dict())
+        write_torch("scheduler.pt", self.lr_scheduler.state_dict())
         generator_state, torch_state = rng_now(self.generator)
         rng = {"generator": generator_state, "torch": torch_state}
         for rank, (generator_state, torch_state) in enumerate(process_rng or []):
@@ -151,14 +173,15 @@ class TrainState:
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda{i}"] = s
-        save_file(rng, str(folder / RNG_FILE))
+        fsutil.write_bytes(folder / RNG_FILE, save(rng))
         state = {
             "global_step": self.global_step,
             "num_processes": self.num_processes,
             "config": fingerprint(self.config),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "checksums": CHECKSUMS,  # a checkpoint that says so but lacks them is damaged
         }
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        fsutil.write_bytes(folder / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
 
     def load(self, path: Path) -> dict:
         """Restore checkpoint ``path``; refuse one from a different run."""

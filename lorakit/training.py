@@ -6,20 +6,27 @@ cached once) -> :mod:`lorakit.step` (loss, backward, one gradient reduction, gua
 update) -> :mod:`lorakit.state` (checkpoints) -> :mod:`lorakit.outputs` (the files a run
 writes). Every random draw is a pure function of (seed, epoch, step), so a run resumed
 from ``checkpoint-N`` continues exactly as the uninterrupted run would have.
+
+While it runs, a :class:`RunGuard` holds the output folder's lock and turns SIGINT (Ctrl-C)
+and SIGTERM (Docker, SLURM, Kubernetes) into the same thing: the step in progress is
+finished (an update) or rolled back, the finished steps are saved, and the run stops with
+the exit status of the signal (130 / 143) and the command that resumes it.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import outputs
+from lorakit import checkpoints, outputs
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
 from lorakit.errors import LorakitError
+from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
 from lorakit.state import TrainState, check_processes_agree, gather_rng_states
 from lorakit.step import Stepper, make_optimizer
@@ -46,16 +53,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        self.output_dir = Path(self.config.output).expanduser()
+        self.guard = RunGuard(self.output_dir)
+        self.guard.install()
+        try:
+            self.guard.lock_output()
+            self._setup()
+        except BaseException:
+            self.guard.close()
+            raise
+        self.guard.restore()  # until run(): a stop between the two calls is the caller's
+        return self
+
+    def _setup(self) -> None:
         import torch
 
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self._load_plugins()
-        self.output_dir = Path(config.output).expanduser()
+        if self.guard.lock is not None:
+            checkpoints.remove_strays(self.output_dir)
         resume_from = outputs.check_output_dir(self.output_dir, config)
-        self._start_accelerator()
-        self.components = self._load_model()
+        self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
+        self.model_path = _resolve_model(config, self.info, self.pm)
+        self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
         self.dataset = self.pm.hook.build_dataset(config=config, components=self.components, pm=self.pm)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -74,16 +96,16 @@ class Trainer:
         self.cache = EncodingCache(self.pm, self.components, config, self.info, self.batches, self.device,
                                    self.lora_configs, reload=self._load_components)
         self.stepper = Stepper(self.state, self.cache, self.pm, self.accelerator, self.params, config)
+        self.guard.busy = lambda: self.stepper.updating  # an update in progress is finished first
         if self.accelerator.is_main_process:
             outputs.clear_earlier_run(self.output_dir, config)
         self.accelerator.wait_for_everyone()
         if resume_from is not None:
-            self.state.load(resume_from)
+            resume_from = checkpoints.resume_run(self.state, config, self.output_dir, resume_from)
             self._say(f"resumed from {resume_from} at step {self.global_step}")
         self.cache.fill(self._say)
         if self.accelerator.is_main_process:
             outputs.write_run_config(self.output_dir, config)
-        return self
 
     def _load_plugins(self):
         from lorakit.plugins import get_plugin_manager, require_hooks
@@ -91,33 +113,6 @@ class Trainer:
         self.pm = get_plugin_manager(self.config.arch, self.config.modes)
         require_hooks(self.pm, self.config.arch)
         self.info = self.pm.hook.arch_info()
-
-    def _start_accelerator(self):
-        import torch
-        from accelerate import Accelerator
-
-        config = self.config
-        _reset_accelerate_state()
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
-            raise LorakitError("--mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.")
-        self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-
-    def _load_model(self) -> dict:
-        from lorakit import lora
-        from lorakit.models import check_model_matches, resolve_model
-        from lorakit.plugins import arch_entries, get_plugin_manager
-
-        config = self.config
-        if config.train_text_encoder:
-            if not self.info.text_encoders:
-                raise LorakitError(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
-            lora.check_text_encoder_lora_support()
-        self.model_path = resolve_model(config.model)
-        others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
-        check_model_matches(self.model_path, config.arch, self.pm, others)
-        return self._load_components()
 
     def _load_components(self) -> dict:
         import torch
@@ -186,7 +181,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
-        config, accelerator, progress = self.config, self.accelerator, self.progress
+        self.guard.install()
+        try:
+            return self._run()
+        finally:
+            self.guard.close()
+
+    def _run(self) -> TrainResult:
+        config, accelerator, progress, guard = self.config, self.accelerator, self.progress, self.guard
         self.cache.release(drop=config.validation_prompt is None, note=self._say)
         stream = self.batches.micro_batches(self.global_step * config.gradient_accumulation)
         main = accelerator.is_main_process
@@ -196,35 +198,44 @@ class Trainer:
         try:
             while self.global_step < config.max_steps:
                 loss, metrics = self.stepper.step(stream)
+                guard.check()  # a stop requested during the update takes effect now
                 self.losses.append(loss)
                 if progress is not None and main:
                     progress.update(self.global_step, loss=loss, lr=self.lr_scheduler.get_last_lr()[0], metrics=metrics)
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    with guard.deferred():
+                        self.save_checkpoint()
                 every = config.validation_every
                 if config.validation_prompt and every and self.global_step % every == 0 and main:
                     self.save_samples()
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
+        except KeyboardInterrupt as stop:
+            guard.stopping()
+            self._save_on_interrupt(stop)
             raise
+        guard.deferring = True  # the training is done: a stop request now waits for the final files
         if progress is not None and main:
             progress.finish()
         check_processes_agree(self.accelerator, self.params)
         weights = self.save_final()
+        if guard.received is not None:
+            log.warning("%s arrived while writing the final files; the run is complete",
+                        signal.Signals(guard.received).name)
         log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
         return TrainResult(self.output_dir, weights, self.global_step, self.losses)
 
-    def _save_on_interrupt(self):
-        """Ctrl-C: keep the work done. The optimizer and weights are those of the last finished
-        step; the RNG states go back to where that step ended, so resuming is still exact."""
+    def _save_on_interrupt(self, stop):
+        """Ctrl-C / SIGTERM: keep the work done. The optimizer and weights are those of the last
+        finished step; the RNG states go back to where that step ended, so resuming is exact."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.progress is not None and self.accelerator.is_main_process:
             self.progress.finish()
-        if self.global_step == 0 or (self.output_dir / f"checkpoint-{self.global_step}").is_dir():
-            return
-        if self.stepper.rewind_to_finished_step() and self.accelerator.is_main_process:
-            path = self.state.save(self.output_dir, self._write_lora, self.config.checkpoints_limit)
-            log.warning("interrupted at step %d; saved %s", self.global_step, path)
+        step, saved = self.global_step, self.output_dir / f"checkpoint-{self.global_step}"
+        if step and not saved.is_dir() and self.stepper.rewind_to_finished_step() and self.accelerator.is_main_process:
+            saved = outputs.save_checkpoint(self.state, self.output_dir, self._write_lora,
+                                            self.config.checkpoints_limit)
+        if step and saved.is_dir():
+            stop.lorakit_note = f"{getattr(stop, 'summary', 'interrupted')} at step {step}; saved {saved.name}"
+            log.warning("stopped at step %d; saved %s", step, saved)
 
     # ------------------------------------------------------------------ outputs
     def _write_lora(self, folder: Path) -> Path:
@@ -235,14 +246,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        path = self.state.save(self.output_dir, self._write_lora, self.config.checkpoints_limit, process_rng)
+        path = outputs.save_checkpoint(self.state, self.output_dir, self._write_lora,
+                                       self.config.checkpoints_limit, process_rng)
         self._say(f"saved {path}")
         return path
 
     def save_final(self) -> Path:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._write_lora(self.output_dir)
+            outputs.write_final_lora(self._write_lora, self.output_dir, self.state.estimated_size() // 4)
             outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step)
         return self.output_dir / WEIGHT_NAME
 
@@ -271,6 +283,35 @@ def _targets(pm, info, config, components) -> dict:
 
         targets = default_target_modules(info, config)
     return targets
+
+
+def _resolve_model(config, info, pm):
+    """The model folder of ``--model``, checked to be of ``--arch`` (and able to train what is asked)."""
+    from lorakit import lora
+    from lorakit.models import check_model_matches, resolve_model
+    from lorakit.plugins import arch_entries, get_plugin_manager
+
+    if config.train_text_encoder:
+        if not info.text_encoders:
+            raise LorakitError(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
+        lora.check_text_encoder_lora_support()
+    model_path = resolve_model(config.model)
+    others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
+    check_model_matches(model_path, config.arch, pm, others)
+    return model_path
+
+
+def _start_accelerator(config):
+    """``(accelerator, device, weight dtype)`` of a run."""
+    import torch
+    from accelerate import Accelerator
+
+    _reset_accelerate_state()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise LorakitError("--mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    return accelerator, accelerator.device, dtype
 
 
 def _reset_accelerate_state():

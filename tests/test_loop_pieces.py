@@ -288,9 +288,12 @@ def test_train_state_round_trip_without_a_trainer(tmp_path):
     path = state.save(tmp_path, lambda folder: (folder / "pytorch_lora_weights.safetensors").write_bytes(b""))
     assert path.name == "checkpoint-7"
     assert sorted(p.name for p in path.iterdir()) == [
-        "lora_params.safetensors", "optimizer.pt", "pytorch_lora_weights.safetensors", "rng_state.safetensors",
-        "scheduler.pt", "training_state.json",
+        "lora_params.safetensors", "lorakit_checksums.json", "optimizer.pt", "pytorch_lora_weights.safetensors",
+        "rng_state.safetensors", "scheduler.pt", "training_state.json",
     ]
+    # the checksums, written last, cover every other file of the checkpoint
+    sealed = json.loads((path / "lorakit_checksums.json").read_text())["files"]
+    assert sorted(sealed) == sorted(p.name for p in path.iterdir() if p.name != "lorakit_checksums.json")
     module2, optimizer2, scheduler2, generator2 = objects(1)
     restored = TrainState(config, {"net": module2}, optimizer2, scheduler2, generator2)
     restored.load(path)
