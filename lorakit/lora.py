@@ -96,20 +96,33 @@ def check_targets_match(module, component: str, module_targets, config) -> None:
     (``--target-modules``) or, for names the user did not give, the arch's (a plugin bug)."""
     from lorakit.errors import PluginError
 
-    layers = [n for n, _ in module.named_modules() if n]
-    missing = [t for t in module_targets if not any(_matches(n, t) for n in layers)]
-    if not missing:
+    modules = [(n, m) for n, m in module.named_modules() if n]
+    matched = {t: [(n, m) for n, m in modules if _matches(n, t)] for t in module_targets}
+    missing = [t for t, found in matched.items() if not found]
+    # a name that matches only blocks (modules with children, e.g. a whole Attention) is not a layer
+    blocks = [t for t, found in matched.items() if found and all(any(True for _ in m.children()) for _, m in found)]
+    if not missing and not blocks:
         return
     given = set(getattr(config, "target_modules", None) or ())
-    users = [t for t in missing if t in given]
-    examples = _example_names(module, near=missing)
-    if users:
+    users_missing, users_blocks = [t for t in missing if t in given], [t for t in blocks if t in given]
+    if users_missing:
+        examples = _example_names(module, near=users_missing)
         raise LorakitError(
-            f"--target-modules {', '.join(users)} match no layer of '{component}'; pick names such as {examples}."
+            f"--target-modules {', '.join(users_missing)} match no layer of '{component}'; pick names such as {examples}."
         )
+    if users_blocks:
+        t = users_blocks[0]
+        kind = type(matched[t][0][1]).__name__
+        inside = _example_names(matched[t][0][1])
+        raise LorakitError(
+            f"--target-modules {t} names {kind} blocks of '{component}', not layers; LoRA goes on the Linear or "
+            f"Conv layers inside, such as {inside}."
+        )
+    bad = missing + blocks
     raise PluginError(
         f"arch plugin '{config.arch}': its LoRA targets for '{component}' (ArchInfo.default_targets or the "
-        f"target_modules hook) name {', '.join(missing)}, which match no layer; layers are named like {examples}."
+        f"target_modules hook) name {', '.join(bad)}, which match no layer; layers are named like "
+        f"{_example_names(module, near=bad)}."
     )
 
 

@@ -232,5 +232,5 @@ def test_an_arch_whose_default_targets_match_nothing_is_a_plugin_bug(model, tmp_
 
 def test_a_target_that_is_not_a_layer_type_lora_takes(model, tmp_path):
     """A name that matches a whole block (not a Linear or Conv) is one line, not a traceback."""
-    with pytest.raises(LorakitError, match="cannot take a LoRA"):
+    with pytest.raises(LorakitError, match="--target-modules attn1 names Attention blocks of 'unet', not layers"):
         Trainer(tiny_config("sd15", model, example_data(), tmp_path / "o", target_modules=["attn1"])).setup()

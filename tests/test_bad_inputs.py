@@ -1,0 +1,463 @@
+"""Every bad input and bad option tried, through the real CLI: each ends in exactly one
+``error:`` line and a non-zero exit, never a traceback.
+
+:data:`ROWS` is the table; docs/errors.md is generated from it
+(``python tests/test_bad_inputs.py > docs/errors.md``) and a test keeps the two equal.
+A row marked ``open`` does not meet the rule yet: its test is an ``xfail(strict=True)``
+naming the file and fix it needs, so it turns into a failure (to be promoted) once fixed.
+
+Paths in the expected lines are written as ``{tmp}`` (the row's own folder), ``{shared}``
+(the module's tiny models and LoRAs) and ``{examples}`` (lorakit's bundled images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+@dataclass(frozen=True)
+class Row:
+    #: short id (the test id)
+    id: str
+    #: what was tried, as the table says it
+    input: str
+    #: ``argv(ctx)`` -> the command line
+    argv: object
+    #: the one line the user sees (exact, paths as placeholders); for an open row, what happens today
+    sees: str
+    #: exit code
+    code: int = 1
+    #: for an open row: "file: what to fix"
+    open: str | None = None
+    #: for an open row: what its one line must name once fixed
+    needs: tuple = ()
+
+    @property
+    def command(self) -> str:
+        return self.input.split(" ", 1)[0]
+
+
+class Ctx:
+    """What a row's command line may refer to: shared tiny models and LoRAs, the bundled
+    images, and the row's own folder (``tmp``) to make bad files in."""
+
+    def __init__(self, shared: dict, tmp: Path):
+        self.shared, self.tmp = shared, tmp
+        self.model, self.examples = shared["sd15"], shared["examples"]
+        self.out = tmp / "out"
+
+    def train(self, *extra, data=None, model=None, out=None):
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        return ["train", "--arch", "sd15", "--model", pick(model, self.model), "--data", pick(data, self.examples),
+                "--output", pick(out, self.out), "--max-steps", "1", "--resolution", "32", "--num-threads", "1", *extra]
+
+    def generate(self, *extra, model=None):
+        return ["generate", "--arch", "sd15", "--model", model or self.model, "--prompt", "a red circle",
+                "--steps", "1", "--resolution", "32", "--output", self.tmp / "img.png", *extra]
+
+    def file(self, name: str, content: bytes | str = b"") -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def folder(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def data(self, rows=None, images=None) -> Path:
+        """A copy of the bundled images; ``rows`` replaces metadata.jsonl (lines: str or dict)."""
+        folder = self.tmp / "data"
+        shutil.copytree(self.examples, folder)
+        if rows is not None:
+            lines = [r if isinstance(r, (str, bytes)) else json.dumps(r) for r in rows]
+            blob = b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n"
+            (folder / "metadata.jsonl").write_bytes(blob)
+        for name, content in (images or {}).items():
+            (folder / name).write_bytes(content)
+        return folder
+
+    def first_image(self) -> str:
+        return json.loads((self.examples / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+
+    def toml(self, text: str) -> Path:
+        return self.file("run.toml", text)
+
+
+def _earlier_run(ctx: Ctx) -> Path:
+    out = ctx.tmp / "earlier"
+    shutil.copytree(ctx.shared["run"], out)
+    return out
+
+
+def _sdxl_folder(ctx: Ctx) -> Path:
+    folder = ctx.folder("sdxl")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return folder
+
+
+def _not_an_image_folder(ctx: Ctx) -> Path:
+    folder = ctx.folder("junk")
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "b.jpg").write_bytes(b"")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.jpg", "text": "y"}\n')
+    return folder
+
+
+_USAGE = "cli.py: turn click's usage errors (bad value, missing option, extra argument) into one `error:` line, exit 2"
+
+ROWS = [
+    # ----------------------------------------------------------------- train: numbers
+    Row("rank-zero", "train --rank 0", lambda c: c.train("--rank", "0"),
+        "error: --rank must be a positive integer, got 0."),
+    Row("rank-negative", "train --rank -3", lambda c: c.train("--rank", "-3"),
+        "error: --rank must be a positive integer, got -3."),
+    Row("rank-text", "train --rank abc", lambda c: c.train("--rank", "abc"),
+        "no `error:` line: a `Usage:` panel of 6 lines saying Invalid value for '--rank': Input should be a valid integer, unable to parse string as an integer", code=2, open=_USAGE, needs=('--rank',)),
+    Row("rank-fraction", "train --rank 2.5", lambda c: c.train("--rank", "2.5"),
+        "no `error:` line: a `Usage:` panel of 6 lines saying Invalid value for '--rank': Input should be a valid integer, unable to parse string as an integer", code=2, open=_USAGE, needs=('--rank',)),
+    Row("lr-nan", "train --learning-rate nan", lambda c: c.train("--learning-rate", "nan"), 'error: --learning-rate must be a finite number, got nan.'),
+    Row("lr-inf", "train --learning-rate inf", lambda c: c.train("--learning-rate", "inf"), 'error: --learning-rate must be a finite number, got inf.'),
+    Row("lr-negative", "train --learning-rate -1", lambda c: c.train("--learning-rate", "-1"), 'error: --learning-rate must be positive, got -1.'),
+    Row("lr-zero", "train --learning-rate 0", lambda c: c.train("--learning-rate", "0"), 'error: --learning-rate must be positive, got 0.'),
+    Row("lr-past-float32", "train --learning-rate 1e39", lambda c: c.train("--learning-rate", "1e39"), "error: --learning-rate 1e+39 is beyond float32's range for AdamW (lr / (1 - --adam-beta1) must stay under 3.4e+38); use a learning rate such as 1e-4."),
+    Row("lr-absurd", "train --learning-rate 1e30 --max-steps 20 (finite, then NaN loss)",
+        lambda c: c.train("--learning-rate", "1e30", "--max-steps", "20"), 'error: loss was not finite for 5 steps in a row (last at step 6); lower --learning-rate, use --mixed-precision bf16 or no, or an fp16-safe VAE.'),
+    Row("lr-text", "train --learning-rate fast", lambda c: c.train("--learning-rate", "fast"),
+        "no `error:` line: a `Usage:` panel of 6 lines saying Invalid value for '--learning-rate' / '--lr': Input should be a valid number, unable to parse string as a number", code=2, open=_USAGE, needs=('--learning-rate',)),
+    Row("max-steps-zero", "train --max-steps 0", lambda c: c.train("--max-steps", "0"), 'error: --max-steps must be a positive integer, got 0.'),
+    Row("batch-size-zero", "train --batch-size 0", lambda c: c.train("--batch-size", "0"), 'error: --batch-size must be a positive integer, got 0.'),
+    Row("accumulation-zero", "train --gradient-accumulation 0", lambda c: c.train("--gradient-accumulation", "0"), 'error: --gradient-accumulation must be a positive integer, got 0.'),
+    Row("resolution-zero", "train --resolution 0", lambda c: c.train("--resolution", "0"), 'error: --resolution must be >= 8, got 0.'),
+    Row("resolution-odd", "train --resolution 33", lambda c: c.train("--resolution", "33"), 'error: --resolution must be a multiple of 8 for --arch sd15, got 33.'),
+    Row("caption-dropout-one", "train --caption-dropout 1", lambda c: c.train("--caption-dropout", "1"), 'error: --caption-dropout must be >= 0 and < 1, got 1.'),
+    Row("lora-dropout-negative", "train --lora-dropout -0.1", lambda c: c.train("--lora-dropout", "-0.1"), 'error: --lora-dropout must be >= 0 and < 1, got -0.1.'),
+    Row("alpha-zero", "train --alpha 0", lambda c: c.train("--alpha", "0"), 'error: --alpha must be positive, got 0.'),
+    Row("beta1-one", "train --adam-beta1 1", lambda c: c.train("--adam-beta1", "1"), 'error: --adam-beta1 must be >= 0 and < 1, got 1.'),
+    Row("epsilon-zero", "train --adam-epsilon 0", lambda c: c.train("--adam-epsilon", "0"), 'error: --adam-epsilon must be positive, got 0.'),
+    Row("grad-norm-negative", "train --max-grad-norm -1", lambda c: c.train("--max-grad-norm", "-1"), 'error: --max-grad-norm must be >= 0, got -1.'),
+    Row("warmup-negative", "train --lr-warmup-steps -1", lambda c: c.train("--lr-warmup-steps", "-1"), 'error: --lr-warmup-steps must be >= 0, got -1.'),
+    Row("workers-negative", "train --num-workers -1", lambda c: c.train("--num-workers", "-1"), 'error: --num-workers must be >= 0, got -1.'),
+    Row("threads-zero", "train --num-threads 0", lambda c: c.train("--num-threads", "0"), 'error: --num-threads must be a positive integer, got 0.'),
+    Row("checkpoints-limit-zero", "train --checkpoints-limit 0", lambda c: c.train("--checkpoints-limit", "0"), 'error: --checkpoints-limit must be a positive integer, got 0.'),
+    Row("checkpoint-every-zero", "train --checkpoint-every 0", lambda c: c.train("--checkpoint-every", "0"), 'error: --checkpoint-every must be a positive integer, got 0.'),
+    Row("seed-huge", "train --seed 2**70", lambda c: c.train("--seed", str(2**70)),
+        'Traceback: ValueError: Overflow when unpacking long long', code=1, open="config.py: declare --seed's range (e.g. 0 <= seed < 2**32) so the option check refuses it in one line", needs=('--seed',)),
+    Row("te-lr-zero", "train --text-encoder-lr 0 --train-text-encoder",
+        lambda c: c.train("--text-encoder-lr", "0", "--train-text-encoder"), 'error: --text-encoder-lr must be positive, got 0.'),
+    # ----------------------------------------------------------------- train: choices and names
+    Row("scheduler-unknown", "train --lr-scheduler bogus", lambda c: c.train("--lr-scheduler", "bogus"), "error: --lr-scheduler must be one of constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, got 'bogus'."),
+    Row("precision-unknown", "train --mixed-precision fp8", lambda c: c.train("--mixed-precision", "fp8"), "error: --mixed-precision must be one of no, fp16, bf16, got 'fp8'."),
+    Row("precision-fp16-cpu", "train --mixed-precision fp16 (on a CPU)",
+        lambda c: c.train("--mixed-precision", "fp16"), 'error: --mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.'),
+    Row("init-unknown", "train --init-lora-weights pissa", lambda c: c.train("--init-lora-weights", "pissa"), "error: --init-lora-weights must be one of gaussian, default, got 'pissa'."),
+    Row("targets-empty", "train --target-modules ''", lambda c: c.train("--target-modules", ""), 'error: --target-modules is empty; give a comma-separated list such as to_q,to_k,to_v,to_out.0.'),
+    Row("targets-typo", "train --target-modules to_q,to_kk", lambda c: c.train("--target-modules", "to_q,to_kk"), "error: --target-modules to_kk match no layer of 'unet'; pick names such as to_k, to_v, conv_in, linear_1, linear_2, proj_in."),
+    Row("targets-block", "train --target-modules attn1 (a block, not a layer)",
+        lambda c: c.train("--target-modules", "attn1"), "error: --target-modules attn1 names Attention blocks of 'unet', not layers; LoRA goes on the Linear or Conv layers inside, such as to_q, to_k, to_v, to_out.0."),
+    Row("unknown-flag", "train --rnak 4", lambda c: c.train("--rnak", "4"), 'error: no such option --rnak; did you mean --lr or --rank? See `lorakit train --help`.'),
+    Row("foreign-flag", "train --pretrained_model_name_or_path x", lambda c: c.train("--pretrained_model_name_or_path", "x"), "error: --pretrained_model_name_or_path is not a lorakit flag (that is another tool's spelling); use --model."),
+    Row("arch-unknown", "train --arch sd99", lambda c: c.train("--arch", "sd99"), "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
+    Row("arch-empty", "train --arch ''", lambda c: c.train("--arch", ""), 'error: no --arch given; choose one from `lorakit list-archs`.'),
+    Row("arch-missing", "train (no --arch)", lambda c: ["train", "--model", c.model, "--output", c.out], 'error: no --arch given; choose one from `lorakit list-archs`.'),
+    Row("other-arch-option", "train --arch sd15 --t5-max-length 128 (an option of flux/sd3)",
+        lambda c: c.train("--t5-max-length", "128"), 'error: --t5-max-length does not apply to --arch sd15 (it is an option of --arch flux); drop it.'),
+    Row("objective-option", "train --arch sd15 --flow-shift 3 (a flow-matching option)",
+        lambda c: c.train("--flow-shift", "3"), 'error: --flow-shift does not apply to --arch sd15 (it is an option of the flow objective (--arch flux, sd3)); drop it.'),
+    Row("mode-option-without-mode", "train --instance-prompt 'a sks dog' (without --dreambooth)",
+        lambda c: c.train("--instance-prompt", "a sks dog"), 'error: --instance-prompt does not apply to --arch sd15 (it is an option of mode dreambooth (--dreambooth)); drop it.'),
+    Row("mode-conflict", "train --dreambooth --buckets ...",
+        lambda c: ["train", "--arch", "sd15", "--model", c.model, "--output", c.out, "--dreambooth", "--buckets",
+                   "--instance-data", c.examples, "--instance-prompt", "a sks thing", "--class-prompt", "a thing"], "error: --buckets needs one image per example, but this run's examples group 2 (e.g. a mode's image pairs); drop --buckets."),
+    Row("mode-data-conflict", "train --dreambooth --data ... (DreamBooth takes --instance-data)",
+        lambda c: c.train("--dreambooth", "--instance-data", c.examples, "--instance-prompt", "a sks thing",
+                          "--class-prompt", "a thing"), 'error: --data is not used with --dreambooth; pass the subject images as --instance-data (and class images, if you have them, as --class-data).'),
+    Row("te-without-encoder", "train --arch kandinsky22-prior --train-text-encoder",
+        lambda c: c.train("--arch", "kandinsky22-prior", "--train-text-encoder"), 'error: --arch kandinsky22-prior does not support --train-text-encoder; drop it.'),
+    # ----------------------------------------------------------------- train: paths
+    Row("model-missing", "train --model (no such folder)", lambda c: c.train(model=c.tmp / "nope"), 'error: --model {tmp}/nope does not exist; pass a local diffusers model folder or a hub id.'),
+    Row("model-empty", "train --model ''", lambda c: c.train(model=""), 'error: no --model given; pass a hub id or a local diffusers model folder.'),
+    Row("model-ckpt", "train --model model.ckpt (a single-file pickle)",
+        lambda c: c.train(model=c.file("model.ckpt", b"PK\x03\x04 pickle")), 'error: --model {tmp}/model.ckpt is a file; pass a diffusers model folder or a hub id.'),
+    Row("model-not-safetensors", "train --model model.safetensors (not safetensors inside)",
+        lambda c: c.train(model=c.file("model.safetensors", "hello")), 'error: --model {tmp}/model.safetensors is a file; pass a diffusers model folder or a hub id.'),
+    Row("model-folder-of-ckpt", "train --model folder holding only model.ckpt",
+        lambda c: (c.file("weights/model.ckpt", b"x"), c.train(model=c.tmp / "weights"))[1], 'error: --model {tmp}/weights is not a diffusers model that --arch sd15 can train (no model_index.json; expected StableDiffusionPipeline); pass a diffusers-format folder or hub id.'),
+    Row("model-wrong-arch", "train --arch sd15 --model (an SDXL model)", lambda c: c.train(model=_sdxl_folder(c)), 'error: --model {tmp}/sdxl is a StableDiffusionXLPipeline model, which --arch sd15 cannot train; use --arch sdxl.'),
+    Row("model-damaged", "train --model (unet weights deleted)",
+        lambda c: c.train(model=_damaged_model(c)), 'error: --model {tmp}/broken could not be loaded: Error no file named diffusion_pytorch_model.bin found in directory {tmp}/broken.; re-download it.'),
+    Row("data-missing", "train --data (no such folder)", lambda c: c.train(data=c.tmp / "nope"), 'error: --data {tmp}/nope does not exist; pass an image folder or a dataset.'),
+    Row("data-is-a-file", "train --data picture.png (a file)", lambda c: c.train(data=c.file("picture.png", b"x")), 'error: --data {tmp}/picture.png is a file, not a folder of images or a dataset.'),
+    Row("data-empty-folder", "train --data (an empty folder)", lambda c: c.train(data=c.folder("empty")), 'error: --data {tmp}/empty holds no images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp); add images or point --data at the right folder.'),
+    Row("data-all-corrupt", "train --data (every image truncated or empty)", lambda c: c.train(data=_not_an_image_folder(c)), 'error: none of the 2 images could be read (first: {tmp}/junk/a.png); check the files.'),
+    Row("metadata-bad-json", "train --data (metadata.jsonl line is not JSON)",
+        lambda c: c.train(data=c.data(rows=['{"file_name": "x.png", "text": '])), 'error: {tmp}/data/metadata.jsonl line 1 is not valid JSON (Expecting value); fix that line.'),
+    Row("metadata-no-file-name", "train --data (metadata.jsonl entry without file_name)",
+        lambda c: c.train(data=c.data(rows=[{"text": "a"}])), "error: {tmp}/data/metadata.jsonl has no 'file_name' column; each line needs the image's file_name."),
+    Row("metadata-missing-image", "train --data (metadata.jsonl names a missing image)",
+        lambda c: c.train(data=c.data(rows=[{"file_name": "gone.png", "text": "a"}])), 'error: {tmp}/data/metadata.jsonl line 1 names gone.png, which is not in {tmp}/data.'),
+    Row("metadata-caption-number", "train --data (metadata.jsonl caption is a number)",
+        lambda c: c.train(data=c.data(rows=[{"file_name": c.first_image(), "text": 3}])), 'error: {tmp}/data/metadata.jsonl line 1: caption \'text\' is 3, not text; write it as a JSON string ("" for no caption) or a list of strings.'),
+    Row("metadata-not-utf8", "train --data (metadata.jsonl with non-UTF-8 bytes)",
+        lambda c: c.train(data=c.data(rows=[json.dumps({"file_name": c.first_image(), "text": "x"}).encode()[:-2]
+                                            + b"\xff\xfe\"}"])), 'error: {tmp}/data/metadata.jsonl line 1 is not UTF-8 (byte 0xff); save the file as UTF-8.'),
+    Row("metadata-outside", "train --data (metadata.jsonl file_name ../../(x16)/etc/passwd)",
+        lambda c: c.train(data=c.data(rows=[{"file_name": "../" * 16 + "etc/passwd", "text": "x"}])), "error: {tmp}/data/metadata.jsonl line 1: '../../../../../../../../../../../../../../../../etc/passwd' resolves to /etc/passwd, outside the dataset folder {tmp}/data; training images must be inside it: copy the file into the folder and name it relative to it."),
+    Row("caption-column-missing", "train --caption-column description",
+        lambda c: c.train("--caption-column", "description"), "error: {examples}/metadata.jsonl has no caption column 'description' (columns: file_name, text); pass one of those with --caption-column."),
+    Row("vae-missing", "train --vae (no such folder)", lambda c: c.train("--vae", c.tmp / "novae"),
+        'error: --model {tmp}/novae does not exist; pass a local diffusers model folder or a hub id.', code=1, open="archbase.py load_vae / models.py resolve_model: name the flag the path came from (--vae), not --model", needs=('--vae',)),
+    Row("vae-not-a-vae", "train --vae (the model's unet folder)", lambda c: c.train("--vae", c.model / "unet"), 'error: --vae {shared}/sd15/unet is a UNet2DConditionModel model, not an AutoencoderKL; pass an AutoencoderKL folder or hub id.'),
+    Row("output-is-a-file", "train --output notes.txt (a file)", lambda c: c.train(out=c.file("notes.txt", "mine")), 'error: --output {tmp}/notes.txt is a file; pass a folder.'),
+    Row("output-under-a-file", "train --output notes.txt/run (unwritable: its parent is a file)",
+        lambda c: c.train(out=c.file("notes.txt", "mine") / "run"),
+        "Traceback: NotADirectoryError: [Errno 20] Not a directory: '{tmp}/notes.txt/run'", code=1, open="outputs.py check_output_dir: refuse an --output whose parent is a file or is not writable (create it up front) in one line", needs=('--output',)),
+    Row("output-earlier-run", "train --output (holds an earlier run, no --resume/--overwrite)",
+        lambda c: c.train(out=_earlier_run(c)), 'error: --output {tmp}/earlier holds an earlier run (lorakit_config.json); pass --resume latest to continue it, --overwrite to replace it, or choose another --output.'),
+    Row("resume-finished", "train --resume latest (a finished run without checkpoints)",
+        lambda c: c.train("--resume", "latest", out=_earlier_run(c)), 'error: --resume latest: {tmp}/earlier holds a finished or checkpoint-less run; raise --max-steps with --resume pointing at a checkpoint, or use --overwrite.'),
+    Row("resume-not-checkpoint", "train --resume (a folder that is not a checkpoint)",
+        lambda c: c.train("--resume", c.folder("ckpt")), "error: --resume {tmp}/ckpt is not a lorakit checkpoint folder (no training_state.json); pass checkpoint-N or 'latest'."),
+    Row("config-missing", "train --config run.toml (missing)", lambda c: c.train("--config", c.tmp / "run.toml"), 'error: config file {tmp}/run.toml does not exist; check the --config path.'),
+    Row("config-extension", "train --config run.ini", lambda c: c.train("--config", c.file("run.ini", "rank=4")), 'error: config file {tmp}/run.ini must end in .toml, .yaml, .yml or .json.'),
+    Row("config-unparsable", "train --config (broken TOML)", lambda c: c.train("--config", c.toml("rank = = 4")), 'error: config file {tmp}/run.toml could not be parsed: Invalid value (at line 1, column 8)'),
+    Row("config-unknown-key", "train --config (key rnak)", lambda c: c.train("--config", c.toml("rnak = 4")), "error: config file {tmp}/run.toml: unknown option 'rnak'. See `lorakit train --help`."),
+    Row("config-wrong-type", "train --config (rank = \"abc\")", lambda c: c.train("--config", c.toml('rank = "abc"')), "error: config file {tmp}/run.toml: 'rank' must be a whole number, got 'abc'."),
+    Row("config-not-a-table", "train --config run.yaml (a list)",
+        lambda c: c.train("--config", c.file("run.yaml", "- rank\n- 4\n")), 'error: config file {tmp}/run.yaml must hold a table of options, not list.'),
+    Row("config-nan", "train --config (learning-rate = nan)", lambda c: c.train("--config", c.toml("learning-rate = nan")), 'error: --learning-rate must be a finite number, got nan.'),
+    # ----------------------------------------------------------------- generate
+    Row("generate-missing-model", "generate --arch sd15 (no --model)",
+        lambda c: ["generate", "--arch", "sd15", "--prompt", "x"],
+        "no `error:` line: a `Usage:` panel of 6 lines saying Missing option '--model'.", code=2, open=_USAGE, needs=('--model',)),
+    Row("generate-steps-zero", "generate --steps 0", lambda c: c.generate("--steps", "0"),
+        'Traceback: ZeroDivisionError: integer division or modulo by zero', code=1, open="cli.py generate / inference.py: refuse --steps < 1 in one line", needs=('--steps',)),
+    Row("generate-steps-negative", "generate --steps -5", lambda c: c.generate("--steps", "-5"),
+        'exit 0: an image is written', code=0, open="cli.py generate / inference.py: refuse --steps < 1 in one line", needs=('--steps',)),
+    Row("generate-resolution-zero", "generate --resolution 0", lambda c: c.generate("--resolution", "0"),
+        "exit 0: 0 is taken as the model's native size and an image is written", code=0, open="inference.py: refuse --resolution below 8 or not a multiple of the arch's size multiple, as train does", needs=('--resolution',)),
+    Row("generate-resolution-odd", "generate --resolution 33", lambda c: c.generate("--resolution", "33"),
+        'Traceback: ValueError: `height` and `width` have to be divisible by 8 but are 33 and 33.', code=1, open="inference.py: refuse --resolution below 8 or not a multiple of the arch's size multiple, as train does", needs=('--resolution',)),
+    Row("generate-guidance-nan", "generate --guidance-scale nan", lambda c: c.generate("--guidance-scale", "nan"),
+        'exit 0: an image is written with guidance NaN', code=0, open="cli.py generate / inference.py: refuse a non-finite --guidance-scale", needs=('--guidance-scale',)),
+    Row("generate-arch-unknown", "generate --arch sd99", lambda c: c.generate("--arch", "sd99"), "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
+    Row("generate-model-missing", "generate --model (no such folder)", lambda c: c.generate(model=c.tmp / "nope"), 'error: --model {tmp}/nope does not exist; pass a local diffusers model folder or a hub id.'),
+    Row("generate-wrong-arch", "generate --arch sd15 --model (an SDXL model)", lambda c: c.generate(model=_sdxl_folder(c)), 'error: --model {tmp}/sdxl lacks the subfolder(s) unet, vae, text_encoder, tokenizer, scheduler of a diffusers StableDiffusionPipeline; pass a complete diffusers-format model.'),
+    Row("generate-lora-missing", "generate --lora x.safetensors (missing)",
+        lambda c: c.generate("--lora", c.tmp / "x.safetensors"), 'error: --lora {tmp}/x.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("generate-lora-not-safetensors", "generate --lora lora.safetensors (not safetensors inside)",
+        lambda c: c.generate("--lora", c.file("lora.safetensors", "hello")),
+        "Traceback: OSError: Unable to load weights from checkpoint file for '{tmp}/lora.safetensors' ...", code=1, open="pipelines.py lora_file (used by inference.py): open the file with safetensors first; a damaged or foreign file is one line naming --lora", needs=('--lora',)),
+    Row("generate-lora-ckpt", "generate --lora lora.ckpt", lambda c: c.generate("--lora", c.file("lora.ckpt", b"x")), 'error: --lora {tmp}/lora.ckpt is not a .safetensors file; lorakit never unpickles weight files.'),
+    Row("generate-lora-bad-scale", "generate --lora PATH:abc", lambda c: c.generate("--lora", f"{c.shared['lora']}:abc"),
+        'error: --lora {shared}/run/pytorch_lora_weights.safetensors:abc does not exist; pass a .safetensors file or a training output folder.', code=1, open="inference.py parse_lora_spec: PATH exists but SCALE is not a number: say the scale is wrong, not that the path is missing", needs=('scale',)),
+    Row("generate-lora-nan-scale", "generate --lora PATH:nan", lambda c: c.generate("--lora", f"{c.shared['lora']}:nan"),
+        'exit 0: an image is written with the LoRA at scale NaN', code=0, open="inference.py parse_lora_spec: refuse a non-finite scale", needs=('scale',)),
+    Row("generate-lora-empty-folder", "generate --lora (a folder without a LoRA)",
+        lambda c: c.generate("--lora", c.folder("nolora")), 'error: --lora {tmp}/nolora holds no pytorch_lora_weights.safetensors; pass the file itself.'),
+    Row("generate-lora-other-arch", "generate --arch sd15 --lora (an SDXL LoRA)",
+        lambda c: c.generate("--lora", c.shared["sdxl_lora"]),
+        'Traceback: RuntimeError: Error(s) in loading state_dict ... size mismatch for ...lora_A.lora0.weight', code=1, open="archbase.py load_lora / inference.py: a LoRA that does not fit the model (another arch or base model) is one line naming --lora; better, write the arch into the file's header and check it", needs=('--lora',)),
+    Row("generate-output-not-image", "generate --output out.txt", lambda c: c.generate("--output", c.tmp / "out.txt"), 'error: --output {tmp}/out.txt has no image file extension PIL can write; use .png or .jpg.'),
+    Row("generate-output-exists", "generate --output (exists, no --overwrite)",
+        lambda c: c.generate("--output", c.file("img.png", b"mine")), 'error: {tmp}/img.png exists; pass --overwrite or another --output.'),
+    Row("generate-output-under-a-file", "generate --output notes.txt/img.png (parent is a file)",
+        lambda c: c.generate("--output", c.file("notes.txt", "mine") / "img.png"),
+        "Traceback: FileExistsError: [Errno 17] File exists: '{tmp}/notes.txt' (after generating)", code=1, open="cli.py generate: check that the --output folder can be created before generating", needs=('--output',)),
+    # ----------------------------------------------------------------- convert
+    Row("convert-format", "convert --to onnx",
+        lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sd15", "--to", "onnx"], 'error: --to onnx is not a known format; the only one is kohya.'),
+    Row("convert-source-missing", "convert (missing source)",
+        lambda c: ["convert", c.tmp / "nope.safetensors", c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"], 'error: LoRA {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("convert-source-not-safetensors", "convert (source is not safetensors)",
+        lambda c: ["convert", c.file("x.safetensors", "hello"), c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"],
+        'Traceback: SafetensorError: Error while deserializing header: header too small', code=1, open="convert.py: a source safetensors cannot read is one line (damaged, or another format)", needs=('x.safetensors',)),
+    Row("convert-source-ckpt", "convert lora.ckpt",
+        lambda c: ["convert", c.file("lora.ckpt", b"x"), c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"], 'error: LoRA {tmp}/lora.ckpt is not a .safetensors file; lorakit never unpickles weight files.'),
+    Row("convert-target-exists", "convert (target exists, no --overwrite)",
+        lambda c: ["convert", c.shared["lora"], c.file("k.safetensors", b"mine"), "--arch", "sd15", "--to", "kohya"], 'error: {tmp}/k.safetensors exists; pass --overwrite or another output path.'),
+    Row("convert-target-not-safetensors", "convert ... k.bin",
+        lambda c: ["convert", c.shared["lora"], c.tmp / "k.bin", "--arch", "sd15", "--to", "kohya"], 'error: {tmp}/k.bin must end in .safetensors; kohya-style tools read safetensors files.'),
+    Row("convert-wrong-arch", "convert --arch sdxl (an SD1.5 LoRA)",
+        lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sdxl", "--to", "kohya"],
+        'exit 0: a kohya file is written with SDXL names for an SD1.5 LoRA', code=0, open="convert.py (+ the save_lora path): record the arch in the LoRA's header and refuse another --arch (or check the keys against the arch)", needs=('--arch',)),
+    Row("convert-arch-unknown", "convert --arch sd99",
+        lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sd99", "--to", "kohya"], "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
+    Row("convert-already-kohya", "convert (source already kohya format)",
+        lambda c: ["convert", c.shared["kohya"], c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"], 'error: {shared}/kohya.safetensors has no lora_adapter_metadata in its header; pass a LoRA file written by lorakit.'),
+    # ----------------------------------------------------------------- tiny, list-archs
+    Row("tiny-arch-unknown", "tiny sd99 DIR", lambda c: ["tiny", "sd99", c.tmp / "m"], "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
+    Row("tiny-not-empty", "tiny sd15 DIR (not empty)",
+        lambda c: (c.file("m/keep.txt", "mine"), ["tiny", "sd15", c.tmp / "m"])[1], 'error: {tmp}/m already exists and is not empty; choose a new folder for the tiny model.'),
+    Row("tiny-is-a-file", "tiny sd15 FILE", lambda c: ["tiny", "sd15", c.file("m.txt", "mine")], 'error: {tmp}/m.txt already exists and is not empty; choose a new folder for the tiny model.'),
+    Row("tiny-seed-text", "tiny sd15 DIR --seed abc", lambda c: ["tiny", "sd15", c.tmp / "m", "--seed", "abc"],
+        "no `error:` line: a `Usage:` panel of 6 lines saying Invalid value for '--seed': Input should be a valid integer, unable to parse string as an integer", code=2, open=_USAGE, needs=('--seed',)),
+    Row("list-archs-extra", "list-archs extra", lambda c: ["list-archs", "extra"],
+        'no `error:` line: a `Usage:` panel of 6 lines saying Got unexpected extra argument(s) (extra)', code=2, open=_USAGE, needs=('extra',)),
+    Row("list-archs-unknown-flag", "list-archs --jsn", lambda c: ["list-archs", "--jsn"],
+        'no `error:` line: a `Usage:` panel of 6 lines saying No such option: --jsn (Possible options: --json)', code=2,
+        open=_USAGE, needs=('--jsn',)),
+]
+
+
+def _damaged_model(ctx: Ctx) -> Path:
+    broken = ctx.tmp / "broken"
+    shutil.copytree(ctx.model, broken)
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.unlink()
+    return broken
+
+
+# ---------------------------------------------------------------------------- the docs table
+
+
+def render() -> str:
+    """docs/errors.md, generated from :data:`ROWS`."""
+    head = (
+        "# Bad inputs and what lorakit says\n\n"
+        "Every bad input and option tried so far, through the real command line. Each ends in one\n"
+        "`error:` line naming what to fix and a non-zero exit, never a Python traceback; rows marked\n"
+        "*open* do not yet, and say which file needs which fix. Paths are shown as `{tmp}` (the\n"
+        "folder the input was made in), `{shared}` (tiny models and LoRAs) and `{examples}`\n"
+        "(lorakit's bundled images).\n\n"
+        "Generated from `tests/test_bad_inputs.py` (`python tests/test_bad_inputs.py > docs/errors.md`);\n"
+        "its test runs every row and fails when this page and the table differ.\n\n"
+        f"{len(ROWS)} rows: {sum(r.open is None for r in ROWS)} pass, {sum(r.open is not None for r in ROWS)} open.\n\n"
+        "| # | input | what the user sees | exit | status |\n"
+        "|---|---|---|---|---|\n"
+    )
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    body = []
+    for i, r in enumerate(ROWS, 1):
+        status = "ok" if r.open is None else f"open: {r.open}"
+        body.append(f"| {i} | `{cell(r.input)}` | {cell(r.sees)} | {r.code} | {cell(status)} |")
+    return head + "\n".join(body) + "\n"
+
+
+def test_docs_table_is_the_test_table():
+    assert DOC.read_text() == render(), "docs/errors.md is out of date: python tests/test_bad_inputs.py > docs/errors.md"
+    assert len(ROWS) >= 40 and len({r.id for r in ROWS}) == len(ROWS)
+
+
+# ---------------------------------------------------------------------------- running a row
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return make_shared(tmp_path_factory)
+
+
+def make_shared(tmp_path_factory) -> dict:
+    """Tiny SD1.5 and SDXL LoRAs (a kohya copy of the SD1.5 one) and a finished SD1.5 run."""
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.testing import example_data
+    from lorakit.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    made = {"examples": example_data(), "root": root}
+    made["sd15"] = make_tiny_model("sd15", root / "sd15")
+    run = root / "run"
+    r = invoke(["train", "--arch", "sd15", "--model", made["sd15"], "--data", made["examples"], "--output", run,
+                "--max-steps", "1", "--resolution", "32", "--num-threads", "1"])
+    assert r.exit_code == 0, r.output
+    made["run"], made["lora"] = run, run / "pytorch_lora_weights.safetensors"
+    r = invoke(["convert", made["lora"], root / "kohya.safetensors", "--arch", "sd15", "--to", "kohya"])
+    assert r.exit_code == 0, r.output
+    made["kohya"] = root / "kohya.safetensors"
+    sdxl_model = make_tiny_model("sdxl", root / "sdxl")
+    r = invoke(["train", "--arch", "sdxl", "--model", sdxl_model, "--data", made["examples"], "--output", root / "sdxl-run",
+                "--max-steps", "1", "--resolution", "32", "--num-threads", "1"])
+    assert r.exit_code == 0, r.output
+    made["sdxl_lora"] = root / "sdxl-run" / "pytorch_lora_weights.safetensors"
+    assert load_file(str(made["lora"])) and save_file  # both readable
+    return made
+
+
+def invoke(argv):
+    """The real CLI in-process. lorakit's log handler keeps the stderr of the invocation that
+    added it (CliRunner closes it afterwards), so each invocation starts without one."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    logging.getLogger("lorakit").handlers.clear()
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def normalise(text: str, ctx: Ctx) -> str:
+    for path, name in sorted(((str(ctx.tmp), "{tmp}"), (str(ctx.shared["root"]), "{shared}"),
+                              (str(ctx.examples), "{examples}")), key=lambda p: -len(p[0])):
+        text = text.replace(path, name)
+    return text
+
+
+def outcome(row: Row, ctx: Ctx):
+    """``(exit code, error lines, whole output)`` of the row's command."""
+    result = invoke(row.argv(ctx))
+    output = result.output + ("" if result.exception is None or isinstance(result.exception, SystemExit)
+                              else f"\nTraceback (exception escaped): {type(result.exception).__name__}: {result.exception}")
+    stderr = result.stderr
+    lines = [normalise(line, ctx) for line in stderr.splitlines() if line.strip().startswith("error:")]
+    return result.exit_code, lines, normalise(output, ctx), [l for l in stderr.splitlines() if l.strip()]
+
+
+def _params():
+    for row in ROWS:
+        marks = [pytest.mark.xfail(strict=True, reason=row.open)] if row.open else []
+        yield pytest.param(row, id=row.id, marks=marks)
+
+
+@pytest.mark.parametrize("row", _params())
+def test_bad_input_ends_in_one_line(row, shared, tmp_path):
+    """One ``error:`` line (other stderr lines are log lines and libraries' progress bars), no
+    traceback, a non-zero exit; an ``ok`` row's line and exit code exactly as the table says."""
+    ctx = Ctx(shared, tmp_path)
+    code, errors, output, stderr_lines = outcome(row, ctx)
+    assert "Traceback" not in output, output[-2000:]
+    assert code != 0, output[-2000:]
+    assert len(errors) == 1, stderr_lines
+    if row.open is None:
+        assert errors[0] == row.sees, f"{row.id}: saw\n{errors[0]}\nexpected\n{row.sees}"
+        assert code == row.code
+    else:
+        for needle in row.needs:
+            assert needle in errors[0], errors[0]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--record"]:  # what each row shows today (for writing the table)
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from lorakit.testing import example_data
+
+        class _Factory:
+            def mktemp(self, name):
+                return Path(tempfile.mkdtemp(prefix=name))
+
+        made = make_shared(_Factory())
+        for row in ROWS:
+            ctx = Ctx(made, Path(tempfile.mkdtemp(prefix=row.id)))
+            try:
+                code, errors, output, lines = outcome(row, ctx)
+            except Exception as exc:  # noqa: BLE001
+                code, errors, output, lines = "EXC", [], repr(exc), []
+            print(json.dumps({"id": row.id, "code": code, "errors": errors,
+                              "other": [normalise(l, ctx) for l in lines if not l.startswith("error:")][:8],
+                              "tb": "Traceback" in output, "tail": output[-300:] if "Traceback" in output else ""}))
+    else:
+        sys.stdout.write(render())
