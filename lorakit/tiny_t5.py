@@ -1,4 +1,4 @@
-"""An offline T5 tokenizer and a tiny T5 encoder config, for tiny FLUX/SD3 models.
+"""An offline T5 tokenizer and a tiny T5 encoder config, for tiny models whose pipelines take T5.
 
 No installed package ships T5's sentencepiece file, so tiny models use a character-level
 Unigram vocabulary built with the ``tokenizers`` library: ``<pad>`` (0), ``</s>`` (1),
@@ -35,7 +35,7 @@ def tiny_t5_tokenizer(max_length: int = 512):
 
 def tiny_t5_config(d_model: int = 32, layers: int = 2, heads: int = 4, vocab_size: int | None = None):
     """A ``T5Config`` for a tiny ``T5EncoderModel`` that fits :func:`tiny_t5_tokenizer`
-    (gated-GELU feed-forward, as T5 v1.1 / the T5-XXL encoder that FLUX and SD3 use)."""
+    (gated-GELU feed-forward, as T5 v1.1, the family of the T5-XXL text encoders pipelines use)."""
     from transformers import T5Config
 
     return T5Config(
