@@ -1,7 +1,20 @@
 """Test helpers for plugin authors, loaded as a pytest plugin (``pytest11`` entry point).
 
+The contract suite (:mod:`lorakit.contract`) checks an arch plugin the way a user meets it,
+one named check per property (:data:`CONTRACT_CHECKS`). Two ways to run it:
+
+* ``run_arch_contract(arch, tmp_path)`` -- every check; returns figures per check (``"not
+  offered: ..."`` for a capability the arch lacks) or raises an AssertionError naming the
+  failing check and hook.
+* one test per (arch, check), sharing one tiny model and training run per arch::
+
+      @pytest.mark.parametrize("check", CONTRACT_CHECKS)
+      def test_contract(check, lorakit_contract):
+          lorakit_contract("my-arch").verify(check)
+
 Fixtures:
 
+* ``lorakit_contract(arch, **overrides)`` -> the session's :class:`ArchContract` of ``arch``.
 * ``lorakit_tiny_model(arch)`` -> folder of a tiny model written by the arch's
   ``write_tiny_model`` hook (one per arch per test session).
 * ``lorakit_image_folder`` -> a fresh copy of lorakit's bundled captioned images.
@@ -9,8 +22,8 @@ Fixtures:
 Functions:
 
 * :func:`tiny_config` -- a TrainConfig sized for tiny models (fast on CPU).
-* :func:`lora_deltas` -- every LoRA layer's effective weight delta, for comparing a
-  trained component with one a pipeline loaded from file.
+* :func:`lora_deltas` / :func:`assert_same_lora` -- every LoRA layer's effective weight
+  delta, for comparing a trained component with one a pipeline loaded from file.
 
 Nothing here imports torch until a fixture or function is used.
 """
@@ -21,6 +34,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from lorakit.contract import (  # noqa: F401  (the suite's public names, importable from here)
+    CONTRACT_CHECKS,
+    ArchContract,
+    ContractFailure,
+    NotOffered,
+    register_mode_recipe,
+)
 
 EXAMPLES = Path(__file__).parent / "examples"
 
@@ -107,71 +128,35 @@ def lorakit_image_folder(tmp_path) -> Path:
     return target
 
 
-def _pipeline_component(pipeline, name, trained):
-    """The pipeline's module for trained component ``name``: same attribute name, else the
-    only module of the same class that carries LoRA layers."""
-    from lorakit.lora import count_lora_layers
+@pytest.fixture(scope="session")
+def _lorakit_contracts():
+    return {}
 
-    found = getattr(pipeline, name, None)
-    if found is not None:
-        return found
-    modules = getattr(pipeline, "components", {}) or {}
-    same = [m for m in modules.values() if type(m) is type(trained) and count_lora_layers(m) > 0]
-    return same[0] if len(same) == 1 else None
+
+@pytest.fixture
+def lorakit_contract(_lorakit_contracts, tmp_path_factory):
+    """Factory: ``lorakit_contract(arch, **overrides)`` -> the :class:`ArchContract` of ``arch``,
+    one per (arch, overrides) per test session, so its checks share one model and run."""
+
+    def get(arch: str, **overrides) -> ArchContract:
+        key = (arch, repr(sorted(overrides.items())))
+        if key not in _lorakit_contracts:
+            _lorakit_contracts[key] = ArchContract(arch, tmp_path_factory.mktemp(f"contract-{arch}"), **overrides)
+        return _lorakit_contracts[key]
+
+    return get
 
 
 def run_arch_contract(arch: str, tmp_path, data=None, **overrides) -> dict:
-    """The checks every arch plugin must pass, for a plugin's own test suite.
+    """Every contract check of ``arch`` (:data:`CONTRACT_CHECKS`), for a plugin's own test suite.
 
-    1. a tiny model trains (rank 4, alpha 8) and writes ``pytorch_lora_weights.safetensors``;
-    2. the file loads into the arch's inference pipeline through its ``load_lora`` hook and
-       every trained layer is there with the same effective weight (where the pipeline
-       exposes the trained component under the same name);
-    3. 2 steps + ``--resume latest`` + 2 steps equals 4 uninterrupted steps, bit for bit.
-
-    Returns figures (layer counts, the largest reload difference) for reporting.
+    Trains a tiny model once (rank 4, alpha 8, 4 steps; text-encoder LoRA where supported)
+    and checks targets, per-sample loss, batch-first encoders, exact reloads of model outputs
+    (the arch's loader and diffusers'), exact resume, generation, samples and registered modes.
+    Returns ``{check: figures}``, with ``"not offered: <why>"`` for what the arch does not
+    offer; raises an AssertionError naming each failed check and its hook.
     """
-    import torch
-    from safetensors.torch import load_file
-
-    from lorakit.plugins import get_plugin_manager
-    from lorakit.tiny import make_tiny_model
-    from lorakit.training import Trainer
-
-    tmp_path = Path(tmp_path)
-    data = example_data() if data is None else data
-    model = make_tiny_model(arch, tmp_path / "model")
-    settings = dict(rank=4, alpha=8, max_steps=4, checkpoint_every=2)
-    settings.update(overrides)
-    trainer = Trainer(tiny_config(arch, model, data, tmp_path / "straight", **settings)).setup()
-    straight = trainer.run()
-    assert straight.weights.is_file(), "no pytorch_lora_weights.safetensors written"
-    figures = {"layers": {}, "max_delta_diff": 0.0}
-
-    pm = get_plugin_manager(arch)
-    if pm.hook.load_pipeline.get_hookimpls() and pm.hook.load_lora.get_hookimpls():
-        pipeline = pm.hook.load_pipeline(model_path=model, device="cpu", dtype=torch.float32)
-        pm.hook.load_lora(pipeline=pipeline, path=straight.weights, adapter_name="default")
-        compared = 0
-        for name in trainer.lora_configs:
-            loaded = _pipeline_component(pipeline, name, trainer.components[name])
-            if loaded is None:
-                continue
-            assert_same_lora(trainer.components[name], loaded, atol=1e-6)
-            want, got = lora_deltas(trainer.components[name]), lora_deltas(loaded)
-            figures["layers"][name] = len(want)
-            for key in want:
-                figures["max_delta_diff"] = max(figures["max_delta_diff"], float((want[key] - got[key]).abs().max()))
-            compared += 1
-        assert compared, "the pipeline exposes none of the trained components by name"
-
-    Trainer(tiny_config(arch, model, data, tmp_path / "resumed", **{**settings, "max_steps": 2})).setup().run()
-    resumed = Trainer(tiny_config(arch, model, data, tmp_path / "resumed", **settings, resume="latest")).setup().run()
-    a, b = load_file(str(straight.weights)), load_file(str(resumed.weights))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
-    return figures
+    return ArchContract(arch, tmp_path, data, **overrides).run_all()
 
 
 def eval_loss(trainer, dataset=None, seed: int = 1234, repeats: int = 4) -> float:
