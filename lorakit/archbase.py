@@ -171,7 +171,7 @@ def load_vae(config, model_path: Path, device, weight_dtype, fallback_dtype=None
 
     if not config.vae:
         return AutoencoderKL.from_pretrained(model_path, subfolder="vae", dtype=fallback_dtype or torch.float32).to(device)
-    source = resolve_model(config.vae)
+    source = resolve_model(config.vae, flag="--vae")
     if (source / "vae" / "config.json").is_file():  # a whole pipeline folder: take its VAE
         subfolder = "vae"
     elif (source / "config.json").is_file():

@@ -29,8 +29,10 @@ app = typer.Typer(
 
 def _fail(message: str, code: int = 1):
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}")
+    # the message is the user's own text (paths, prompts): no markup, no :emoji: codes
+    Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -48,8 +50,20 @@ def _quiet_libraries():
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a test runner or notebook may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging():
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.getLogger("lorakit")
     if not logger.handlers:
@@ -72,7 +86,61 @@ def _run(fn):
         _fail(f"{note}; {resume_hint()}.", code=getattr(exc, "exit_code", 130))
 
 
-@app.command("list-archs")
+#: Flags of diffusers' and kohya's training scripts that lorakit spells differently.
+FOREIGN_FLAGS = {
+    "--pretrained_model_name_or_path": "--model",
+    "--pretrained_vae_model_name_or_path": "--vae",
+    "--train_data_dir": "--data",
+    "--dataset_name": "--data",
+    "--instance_data_dir": "--instance-data",
+    "--class_data_dir": "--class-data",
+    "--output_dir": "--output",
+    "--max_train_steps": "--max-steps",
+    "--num_train_epochs": "--max-steps",
+    "--max_train_epochs": "--max-steps",
+    "--train_batch_size": "--batch-size",
+    "--gradient_accumulation_steps": "--gradient-accumulation",
+    "--resume_from_checkpoint": "--resume",
+    "--checkpointing_steps": "--checkpoint-every",
+    "--checkpoints_total_limit": "--checkpoints-limit",
+    "--dataloader_num_workers": "--num-workers",
+    "--network_dim": "--rank",
+    "--network_alpha": "--alpha",
+    "--text_encoder_lr": "--text-encoder-lr",
+    "--with_prior_preservation": "--dreambooth",
+}
+#: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
+NOT_YET = {"--report-to": "experiment tracking", "--report_to": "experiment tracking",
+           "--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
+
+
+class _HintingCommand(TyperCommand):
+    """A usage mistake (bad value, missing option, extra argument, unknown flag) is one error
+    line with exit status 2; a diffusers/kohya spelling of a flag gets lorakit's name."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            if not any(k.__name__ == "UsageError" for k in type(exc).__mro__):
+                raise
+            name = getattr(exc, "option_name", None)
+            if type(exc).__name__ != "NoSuchOption" or not name:
+                text = " ".join(exc.format_message().split())
+                _fail(f"{text.rstrip('.')}; see `lorakit {ctx.info_name} --help`.", code=2)
+            known = {flag for p in self.params for flag in (*p.opts, *getattr(p, "secondary_opts", ()))}
+            dashed = "--" + name.lstrip("-").replace("_", "-")
+            if name in NOT_YET:
+                _fail(f"{name}: lorakit has no {NOT_YET[name]} yet; drop the flag (the loss is printed as it trains).", 2)
+            hint = FOREIGN_FLAGS.get(name) or (dashed if dashed in known else None)
+            if hint:
+                _fail(f"{name} is not a lorakit flag (that is another tool's spelling); use {hint}.", 2)
+            close = getattr(exc, "possibilities", None) or []
+            guess = f"; did you mean {' or '.join(sorted(close)[:3])}?" if close else "."
+            _fail(f"no such option {name}{guess} See `lorakit {ctx.info_name} --help`.", 2)
+
+
+@app.command("list-archs", cls=_HintingCommand)
 def list_archs_cmd(json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List installed architectures (and whether each plugin loads)."""
     from lorakit.plugins import list_archs, mode_entries
@@ -96,7 +164,7 @@ def list_archs_cmd(json_output: bool = typer.Option(False, "--json", help="Print
         Console().print("modes: " + ", ".join(modes))
 
 
-@app.command()
+@app.command(cls=_HintingCommand)
 def tiny(
     arch: str = typer.Argument(..., help="Arch id, see `lorakit list-archs`."),
     directory: Path = typer.Argument(..., help="Folder to write the model to (new or empty)."),
@@ -203,56 +271,6 @@ def _train_parameters() -> list:
     return params
 
 
-#: Flags of diffusers' and kohya's training scripts that lorakit spells differently.
-FOREIGN_FLAGS = {
-    "--pretrained_model_name_or_path": "--model",
-    "--pretrained_vae_model_name_or_path": "--vae",
-    "--train_data_dir": "--data",
-    "--dataset_name": "--data",
-    "--instance_data_dir": "--instance-data",
-    "--class_data_dir": "--class-data",
-    "--output_dir": "--output",
-    "--max_train_steps": "--max-steps",
-    "--num_train_epochs": "--max-steps",
-    "--max_train_epochs": "--max-steps",
-    "--train_batch_size": "--batch-size",
-    "--gradient_accumulation_steps": "--gradient-accumulation",
-    "--resume_from_checkpoint": "--resume",
-    "--checkpointing_steps": "--checkpoint-every",
-    "--checkpoints_total_limit": "--checkpoints-limit",
-    "--dataloader_num_workers": "--num-workers",
-    "--network_dim": "--rank",
-    "--network_alpha": "--alpha",
-    "--text_encoder_lr": "--text-encoder-lr",
-    "--with_prior_preservation": "--dreambooth",
-}
-#: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
-NOT_YET = {"--report-to": "experiment tracking", "--report_to": "experiment tracking",
-           "--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
-
-
-class _HintingCommand(TyperCommand):
-    """An unknown flag is one error line; a diffusers/kohya spelling gets lorakit's name."""
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except Exception as exc:
-            name = getattr(exc, "option_name", None)
-            if type(exc).__name__ != "NoSuchOption" or not name:
-                raise
-            known = {flag for p in self.params for flag in (*p.opts, *getattr(p, "secondary_opts", ()))}
-            dashed = "--" + name.lstrip("-").replace("_", "-")
-            if name in NOT_YET:
-                _fail(f"{name}: lorakit has no {NOT_YET[name]} yet; drop the flag (the loss is printed as it trains).")
-            hint = FOREIGN_FLAGS.get(name) or (dashed if dashed in known else None)
-            if hint:
-                _fail(f"{name} is not a lorakit flag (that is another tool's spelling); use {hint}.")
-            close = getattr(exc, "possibilities", None) or []
-            guess = f"; did you mean {' or '.join(sorted(close)[:3])}?" if close else "."
-            _fail(f"no such option {name}{guess} See `lorakit {ctx.info_name} --help`.")
-
-
 class _LazyTrain:
     """``train`` with a signature built on first use: only ``lorakit train`` (and its --help, the
     docs, the Python API) pays for loading every plugin's declarations; ``list-archs`` and
@@ -313,6 +331,9 @@ def generate(
         existing = [t for t in targets if t.exists()]
         if existing and not overwrite:
             raise LorakitError(f"{existing[0]} exists; pass --overwrite or another --output.")
+        blocked = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise LorakitError(f"--output {output}: {blocked} is a file, so the image cannot go there; pick another path.")
         images = run_generate(arch, model, prompt, specs, steps=steps, resolution=resolution, seed=seed, guidance_scale=guidance_scale)
         for image, target in zip(images, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +344,7 @@ def generate(
         typer.echo(f"wrote {t}")
 
 
-@app.command()
+@app.command(cls=_HintingCommand)
 def convert(
     source: Path = typer.Argument(..., help="lorakit LoRA: a .safetensors file or a training output folder."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),

@@ -67,7 +67,7 @@ CORE_OPTIONS = (
     Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
            panel=_OPT, resume=True),
     Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_OPT),
-    Option("seed", int, 0, "Seed for everything random.", panel=_OPT, resume=True),
+    Option("seed", int, 0, "Seed for everything random.", minimum=0, maximum=2**32 - 1, panel=_OPT, resume=True),
     Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
     Option("checkpoints_limit", int, None, "Keep only the newest N checkpoints.", minimum=1, panel=_CKPT,
            default_text="all"),

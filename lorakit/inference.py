@@ -4,22 +4,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.errors import PluginError
+from lorakit.errors import LorakitError, PluginError
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """``path`` or ``path:scale`` -> (path, scale)."""
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            scale = float(tail)
-            path = head
-        except ValueError:
-            pass
+    """``path`` or ``path:scale`` -> (path, scale); a path that itself holds ':' is taken whole."""
+    import math
+
+    from lorakit.errors import LorakitError
     from lorakit.pipelines import resolve_lora_file
 
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).expanduser().exists():
+        try:
+            scale = float(tail)
+        except ValueError:
+            if Path(head).expanduser().exists():
+                raise LorakitError(f"--lora {spec}: the scale '{tail}' is not a number; write PATH:0.8.") from None
+        else:
+            if not math.isfinite(scale):
+                raise LorakitError(f"--lora {spec}: the scale must be a finite number, got {tail}.")
+            path = head
     return resolve_lora_file(path, what="--lora"), scale
+
+
+def check_request(arch: str, steps: int, resolution, guidance_scale) -> None:
+    """Refuse generation settings that cannot give an image, before the model loads."""
+    import math
+
+    from lorakit.plugins import arch_info
+
+    info = arch_info(arch)
+    if steps < 1:
+        raise LorakitError(f"--steps must be at least 1, got {steps}.")
+    multiple = max(8, int(info.size_multiple))
+    if resolution is not None and (resolution < multiple or resolution % multiple):
+        raise LorakitError(f"--resolution must be a positive multiple of {multiple} for --arch {arch}, got {resolution}.")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise LorakitError(f"--guidance-scale must be a finite number, got {guidance_scale}.")
+
 
 
 def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, float]], device=None, dtype=None):
@@ -39,7 +63,15 @@ def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, floa
     names = []
     for i, (path, _) in enumerate(loras):
         name = f"lora{i}"
-        pm.hook.load_lora(pipeline=pipeline, path=path, adapter_name=name)
+        try:
+            pm.hook.load_lora(pipeline=pipeline, path=path, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or names of another model
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            first = next((line for line in lines if "size mismatch" in line), lines[0])[:240]
+            raise LorakitError(
+                f"--lora {path} does not fit --arch {arch} with --model {model} ({first}); it was trained "
+                "for another model or arch."
+            ) from None
         names.append(name)
     if names:
         pm.hook.set_lora_scales(pipeline=pipeline, adapter_names=names, scales=[s for _, s in loras])
@@ -60,6 +92,7 @@ def generate(
     """Images for ``prompts`` from the base ``model`` with ``loras`` (path, scale) applied."""
     import torch
 
+    check_request(arch, steps, resolution, guidance_scale)
     pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device)
     generator = torch.Generator().manual_seed(seed)
     return pm.hook.generate_images(

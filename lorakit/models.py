@@ -21,7 +21,7 @@ def read_model_index(path: Path) -> dict:
         raise LorakitError(f"{index} is not valid JSON ({exc.msg}); re-download the model.") from None
 
 
-def resolve_model(model: str) -> Path:
+def resolve_model(model: str, flag: str = "--model") -> Path:
     """A local folder for ``model``: the folder itself, or a hub snapshot (cached or downloaded).
 
     Hub ids take the same path as local folders after download. Without network the
@@ -30,14 +30,14 @@ def resolve_model(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise LorakitError(f"--model {model} is a file; pass a diffusers model folder or a hub id.")
+            raise LorakitError(f"{flag} {model} is a file; pass a diffusers model folder or a hub id.")
         return path
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise LorakitError(f"--model {model} does not exist; pass a local diffusers model folder or a hub id.")
-    return _snapshot(model)
+        raise LorakitError(f"{flag} {model} does not exist; pass a local diffusers model folder or a hub id.")
+    return _snapshot(model, flag)
 
 
-def _snapshot(repo_id: str) -> Path:
+def _snapshot(repo_id: str, flag: str = "--model") -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover
@@ -49,7 +49,7 @@ def _snapshot(repo_id: str) -> Path:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise LorakitError(
-            f"--model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"{flag} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
             "download it first or pass a local folder."
         )
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HUB_TIMEOUT_S))
@@ -63,12 +63,12 @@ def _snapshot(repo_id: str) -> Path:
         return Path(future.result(timeout=None if _hub_reachable() else 0))
     except concurrent.futures.TimeoutError:
         raise LorakitError(
-            f"cannot reach the Hugging Face Hub to fetch --model {repo_id}; check the network "
+            f"cannot reach the Hugging Face Hub to fetch {flag} {repo_id}; check the network "
             "or pass a local diffusers model folder."
         ) from None
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LorakitError(f"--model {repo_id} could not be downloaded: {first}") from None
+        raise LorakitError(f"{flag} {repo_id} could not be downloaded: {first}") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

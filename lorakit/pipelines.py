@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lorakit.checkpoints import WEIGHT_NAME
@@ -24,6 +23,14 @@ def resolve_lora_file(path, what: str = "LoRA") -> Path:
             raise LorakitError(f"{what} {path} holds no {WEIGHT_NAME}; pass the file itself.")
     if file.suffix != ".safetensors":
         raise LorakitError(f"{what} {path} is not a .safetensors file; lorakit never unpickles weight files.")
+    try:  # reads the header only: a damaged or foreign file is refused before any model loads
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            f.metadata()
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{what} {path} is not a readable safetensors file ({first}); pass an intact LoRA file.") from None
     return file
 
 
