@@ -107,7 +107,6 @@ FOREIGN_FLAGS = {
     "--network_dim": "--rank",
     "--network_alpha": "--alpha",
     "--text_encoder_lr": "--text-encoder-lr",
-    "--with_prior_preservation": "--dreambooth",
 }
 #: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
 NOT_YET = {"--report-to": "experiment tracking", "--report_to": "experiment tracking",
