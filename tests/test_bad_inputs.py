@@ -266,7 +266,7 @@ ROWS = [
     Row("generate-lora-empty-folder", "generate --lora (a folder without a LoRA)",
         lambda c: c.generate("--lora", c.folder("nolora")), 'error: --lora {tmp}/nolora holds no pytorch_lora_weights.safetensors; pass the file itself.'),
     Row("generate-lora-other-arch", "generate --arch sd15 --lora (an SDXL LoRA)", lambda c: c.generate("--lora", c.shared["sdxl_lora"]),
-        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (size mismatch for mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.lora0.weight: copying a param with shape torch.Size([4, 80]) from checkpoint, th); it was trained for another model or arch.'),
+        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (size mismatch for mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.lora0.weight: copying a param with shape torch.Size([4, 80]) from checkpoint, the shape in current model is torch.Size([4, 32]).); it was trained for another model or arch.'),
     Row("generate-output-not-image", "generate --output out.txt", lambda c: c.generate("--output", c.tmp / "out.txt"), 'error: --output {tmp}/out.txt has no image file extension PIL can write; use .png or .jpg.'),
     Row("generate-output-exists", "generate --output (exists, no --overwrite)",
         lambda c: c.generate("--output", c.file("img.png", b"mine")), 'error: {tmp}/img.png exists; pass --overwrite or another --output.'),
