@@ -181,7 +181,9 @@ def test_class_images_are_reused_generated_and_resumed(tmp_path, lorakit_tiny_mo
     users = _files(class_dir)
     instance_before = _files(instance)
 
-    monkeypatch.setattr(dreambooth, "GENERATION_BATCH", 2)
+    import lorakit_plugins.dreambooth.class_images as class_images
+
+    monkeypatch.setattr(class_images, "GENERATION_BATCH", 2)
     calls = []
     _patch_generate(monkeypatch, calls, fail_on_call=2)
     config = _db_config(model, tmp_path / "out", instance, class_data=str(class_dir), num_class_images=6)
