@@ -12,6 +12,9 @@ from __future__ import annotations
 from lorakit import buckets
 from lorakit.errors import LorakitError
 
+#: Steps of a run given neither --max-steps nor --epochs.
+DEFAULT_MAX_STEPS = 1000
+
 
 def checked_resolution(config, info, native=None) -> int:
     """The square training resolution (``--resolution``, else the model's, else the arch's),
@@ -34,6 +37,7 @@ class Batches:
         self.world, self.rank, self.multiple = world, rank, multiple
         self._image_sizes: dict = {}
         self._bucket_list = None
+        self._per_epoch = None
 
     def size_of(self, sample) -> tuple[int, int]:
         """The ``(width, height)`` a sample is trained at: its bucket, or the square."""
@@ -76,7 +80,24 @@ class Batches:
         return [order[b * global_batch : (b + 1) * global_batch][lo:hi] for b in range(len(order) // global_batch)]
 
     def batches_per_epoch(self) -> int:
-        return len(self.epoch_batches(0))
+        if self._per_epoch is None:  # the same every epoch: one bucket plan's count, or len // global batch
+            self._per_epoch = len(self.epoch_batches(0))
+        return self._per_epoch
+
+    def run_steps(self) -> int:
+        """Optimizer steps of the run: ``--max-steps`` or ``--epochs``, whichever ends first;
+        1000 when neither is given. An epoch is this order's micro-batches (without
+        ``--buckets`` a last partial global batch is left out, with them each bucket's last
+        batch is filled up); its final step may take micro-batches of the next epoch when
+        ``--gradient-accumulation`` does not divide their number."""
+        c = self.config
+        by_epochs = -(-c.epochs * self.batches_per_epoch() // c.gradient_accumulation) if c.epochs else None
+        limits = [n for n in (c.max_steps, by_epochs) if n]
+        return min(limits) if limits else DEFAULT_MAX_STEPS
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch (from 1) optimizer step ``step`` (from 1) ends in."""
+        return max(0, step * self.config.gradient_accumulation - 1) // self.batches_per_epoch() + 1
 
     def micro_batches(self, start_micro: int):
         """Endless stream of ``(epoch, indices)`` from micro-batch number ``start_micro`` on."""

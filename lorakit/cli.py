@@ -96,8 +96,8 @@ FOREIGN_FLAGS = {
     "--class_data_dir": "--class-data",
     "--output_dir": "--output",
     "--max_train_steps": "--max-steps",
-    "--num_train_epochs": "--max-steps",
-    "--max_train_epochs": "--max-steps",
+    "--num_train_epochs": "--epochs",
+    "--max_train_epochs": "--epochs",
     "--train_batch_size": "--batch-size",
     "--gradient_accumulation_steps": "--gradient-accumulation",
     "--resume_from_checkpoint": "--resume",
@@ -109,8 +109,7 @@ FOREIGN_FLAGS = {
     "--text_encoder_lr": "--text-encoder-lr",
 }
 #: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
-NOT_YET = {"--report-to": "experiment tracking", "--report_to": "experiment tracking",
-           "--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
+NOT_YET = {"--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
 
 
 class _HintingCommand(TyperCommand):

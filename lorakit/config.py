@@ -19,6 +19,9 @@ from lorakit.options import Option, by_name
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 _RUN, _DATA, _LORA, _OPT, _CKPT, _SYS = "Run", "Data", "LoRA", "Optimisation", "Checkpoints and samples", "System"
+_TRACK = "Tracking"
+#: --report-to's choices (see lorakit.tracking).
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 CORE_OPTIONS = (
     Option("arch", str, "", "Architecture id (see `lorakit list-archs`).", panel=_RUN, resume=True, default_text="required"),
@@ -58,14 +61,16 @@ CORE_OPTIONS = (
     Option("adam_beta2", float, 0.999, "AdamW beta2.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
     Option("adam_weight_decay", float, 1e-2, "AdamW weight decay.", minimum=0, panel=_OPT),
     Option("adam_epsilon", float, 1e-8, "AdamW epsilon.", minimum=0, exclusive_minimum=True, panel=_OPT),
-    Option("max_steps", int, 1000, "Optimizer steps to train.", minimum=1, panel=_OPT),
+    Option("max_steps", int, None, "Optimizer steps to train; with --epochs, the first reached ends the run.",
+           minimum=1, panel=_OPT, default_text="1000 unless --epochs"),
+    Option("epochs", int, None, "Passes over the data to train; with --max-steps, the first reached ends the run.", minimum=1, panel=_OPT),
     Option("batch_size", int, 1, "Examples per micro-batch per device.", minimum=1, panel=_OPT, resume=True),
     Option("gradient_accumulation", int, 1, "Micro-batches per optimizer step.", minimum=1, panel=_OPT, resume=True),
     Option("lr_scheduler", str, "constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, panel=_OPT),
     Option("lr_warmup_steps", int, 0, "Warm-up steps of the LR schedule.", minimum=0, panel=_OPT),
     Option("max_grad_norm", float, 1.0, "Clip gradients to this norm; 0 disables.", minimum=0, panel=_OPT),
     Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
-           panel=_OPT, resume=True),
+           panel=_OPT, resume=True, default_text="accelerate's (launch flag or config file), else no"),
     Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_OPT),
     Option("seed", int, 0, "Seed for everything random.", minimum=0, maximum=2**32 - 1, panel=_OPT, resume=True),
     Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
@@ -75,6 +80,11 @@ CORE_OPTIONS = (
     Option("overwrite", bool, False, "Replace an earlier run in --output.", panel=_CKPT),
     Option("validation_prompt", str, None, "Prompt for sample images during training.", panel=_CKPT),
     Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_CKPT),
+    Option("report_to", str, None, "Experiment tracker for losses, learning rates, gradient norms and samples.",
+           choices=REPORT_TO, panel=_TRACK, default_text="tensorboard if installed, else none"),
+    Option("logging_dir", str, None, "Folder the trackers write to.", panel=_TRACK, default_text="OUTPUT/logs"),
+    Option("run_name", str, None, "The run's name in the tracker (TensorBoard: a subfolder of --logging-dir).",
+           panel=_TRACK, default_text="the --output folder's name"),
     Option("num_threads", int, None, "CPU threads for torch.", minimum=1, panel=_SYS, default_text="torch's default"),
 )
 CORE = by_name(CORE_OPTIONS)

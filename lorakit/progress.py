@@ -2,7 +2,8 @@
 
 The loop calls ``start / update / note / finish``; only the main process gets a
 progress object. The loss shown is an exponential moving average (raw per-step loss
-of diffusion training is too noisy to read).
+of diffusion training is too noisy to read). A progress object with an ``epoch_of``
+attribute gets from the loop a function ``step -> (epoch, epochs)``, and shows the epoch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 
-class _Smoother:
+class Smoother:
+    """Exponential moving average of the loss (what the progress line and trackers show)."""
+
     def __init__(self, beta: float = 0.9):
         self.beta, self.value, self.n = beta, None, 0
 
@@ -29,7 +32,8 @@ class PlainProgress:
     def __init__(self, stream=None, every: int | None = None):
         self.stream = stream or sys.stdout
         self.every = every
-        self.smooth = _Smoother()
+        self.smooth = Smoother()
+        self.epoch_of = None
 
     def start(self, total: int, completed: int = 0):
         self.total, self.first, self.t0 = total, completed, time.perf_counter()
@@ -44,7 +48,7 @@ class PlainProgress:
         eta = (self.total - step) / rate if rate > 0 else 0.0
         extra = "".join(f" {k}={v:.4f}" for k, v in (metrics or {}).items())
         print(
-            f"step {step}/{self.total} loss={smoothed:.4f} lr={lr:.2e}{extra} {rate:.2f} it/s eta {eta:.0f}s",
+            f"{_epoch_text(self.epoch_of, step, ' ')}step {step}/{self.total} loss={smoothed:.4f} lr={lr:.2e}{extra} {rate:.2f} it/s eta {eta:.0f}s",
             file=self.stream,
             flush=True,
         )
@@ -63,7 +67,8 @@ class RichProgress:
         from rich.console import Console
 
         self.console = console or Console()
-        self.smooth = _Smoother()
+        self.smooth = Smoother()
+        self.epoch_of = None
 
     def start(self, total: int, completed: int = 0):
         from rich.progress import (
@@ -76,7 +81,7 @@ class RichProgress:
         )
 
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]train{task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[extra]}"),
@@ -90,7 +95,8 @@ class RichProgress:
         self.progress.start()
         self.first, self.t0 = completed, time.perf_counter()
         self.task = self.progress.add_task(
-            "train", total=total, completed=completed, loss="-", lr="-", extra="", rate=""
+            "train", total=total, completed=completed, loss="-", lr="-", extra="", rate="",
+            epoch=_epoch_text(self.epoch_of, max(completed, 1), prefix=" "),
         )
 
     def update(self, step: int, loss: float, lr: float, metrics: dict | None = None):
@@ -99,7 +105,8 @@ class RichProgress:
         rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
         extra = "".join(f"  {k} {v:.4f}" for k, v in (metrics or {}).items())
         self.progress.update(
-            self.task, completed=step, loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", extra=extra, rate=f"{rate:.2f} it/s"
+            self.task, completed=step, loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", extra=extra, rate=f"{rate:.2f} it/s",
+            epoch=_epoch_text(self.epoch_of, step, prefix=" "),
         )
 
     def note(self, text: str):
@@ -108,6 +115,14 @@ class RichProgress:
 
     def finish(self):
         self.progress.stop()
+
+
+def _epoch_text(epoch_of, step: int, suffix: str = "", prefix: str = "") -> str:
+    """``"epoch 2/3"`` for the step (with ``prefix``/``suffix``), or "" when epochs are unknown."""
+    if epoch_of is None:
+        return ""
+    epoch, epochs = epoch_of(step)
+    return f"{prefix}epoch {epoch}/{epochs}{suffix}"
 
 
 def make_progress():

@@ -113,6 +113,18 @@ def _copy_into(buffer, value):
     return value.detach().clone()
 
 
+def grad_norm(params, accelerator) -> float:
+    """The gradients' total L2 norm, read only (unscaled when a grad scaler holds them)."""
+    import torch
+
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    scaler = getattr(accelerator, "scaler", None)
+    return norm / scaler.get_scale() if scaler is not None and scaler.is_enabled() else norm
+
+
 def flatten_grads(params):
     """``(buffer, params with a gradient)``: every gradient in one flat tensor."""
     import torch
@@ -204,6 +216,8 @@ class Stepper:
         self.bad_steps = 0
         self._bad_kinds: set = set()
         self.updating = False
+        #: the gradient norm of the last update before clipping (None when it was skipped)
+        self.grad_norm = None
         self.undo = UpdateUndo(params, state.optimizer)
         #: RNG states at the end of the last finished step (what a Ctrl-C checkpoint saves)
         self.finished_rng = None
@@ -266,14 +280,16 @@ class Stepper:
     def _update(self, apply: bool) -> str | None:
         """Apply the update when ``apply`` and it is sound; ``"gradients"`` or ``"weights"`` when
         it was skipped or undone for what it would have made non-finite, else None."""
-        bad = None
+        bad, self.grad_norm = None, None
         scaled = getattr(self.accelerator, "scaler", None) is not None
         if apply and not scaled and not all_finite([p.grad for p in self.params]):
             # (a grad scaler, fp16, finds and skips non-finite gradients itself)
             apply, bad = False, "gradients"
         if apply:
-            if self.config.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            if self.config.max_grad_norm:  # the norm before clipping, for the trackers
+                self.grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            else:
+                self.grad_norm = grad_norm(self.params, self.accelerator)
             self.undo.save()
             self.state.optimizer.step()
             # the moments too: a finite update can still overflow them (g**2 past fp32's range)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, outputs
+from lorakit import checkpoints, outputs, tracking
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -74,14 +74,16 @@ class Trainer:
         self._load_plugins()
         if self.guard.lock is not None:
             checkpoints.remove_strays(self.output_dir)
-        resume_from = outputs.check_output_dir(self.output_dir, config)
+        # first: the precision accelerate's launcher chose is part of the settings a resume checks
         self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
+        resume_from = outputs.check_output_dir(self.output_dir, config)
         self.model_path = _resolve_model(config, self.info, self.pm)
         self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
         self.dataset = self.pm.hook.build_dataset(config=config, components=self.components, pm=self.pm)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = Batches(self.dataset, config, self.resolution, world, rank, self.info.size_multiple)
+        config.max_steps = self.batches.run_steps()  # --max-steps or --epochs, as the run config records
         if config.buckets:
             self._say(self.batches.bucket_summary())
         self._add_lora()
@@ -192,14 +194,23 @@ class Trainer:
         self.cache.release(drop=config.validation_prompt is None, note=self._say)
         stream = self.batches.micro_batches(self.global_step * config.gradient_accumulation)
         main = accelerator.is_main_process
+        epochs = self.batches.epoch_of(config.max_steps)
         if progress is not None and main:
+            if hasattr(progress, "epoch_of"):
+                progress.epoch_of = lambda step: (self.batches.epoch_of(step), epochs)
             progress.start(total=config.max_steps, completed=self.global_step)
+        examples = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+        tracker = self.tracker = tracking.RunTracker(accelerator, config, self.output_dir, self.optimizer, examples)
+        tracker.start()
         started = time.perf_counter()
         try:
             while self.global_step < config.max_steps:
+                tracker.before_step()
                 loss, metrics = self.stepper.step(stream)
                 guard.check()  # a stop requested during the update takes effect now
                 self.losses.append(loss)
+                tracker.after_step(self.global_step, loss, metrics, self.stepper.grad_norm,
+                                   self.batches.epoch_of(self.global_step))
                 if progress is not None and main:
                     progress.update(self.global_step, loss=loss, lr=self.lr_scheduler.get_last_lr()[0], metrics=metrics)
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
@@ -208,10 +219,13 @@ class Trainer:
                 every = config.validation_every
                 if config.validation_prompt and every and self.global_step % every == 0 and main:
                     self.save_samples()
+                    tracker.log_samples(self.global_step, self.output_dir / "samples")
         except KeyboardInterrupt as stop:
             guard.stopping()
             self._save_on_interrupt(stop)
             raise
+        finally:
+            tracker.finish()
         guard.deferring = True  # the training is done: a stop request now waits for the final files
         if progress is not None and main:
             progress.finish()
@@ -302,14 +316,29 @@ def _resolve_model(config, info, pm):
 
 
 def _start_accelerator(config):
-    """``(accelerator, device, weight dtype)`` of a run."""
+    """``(accelerator, device, weight dtype)`` of a run. The precision is ``--mixed-precision``
+    when given, else accelerate's (``accelerate launch --mixed_precision``, its config file);
+    ``config.mixed_precision`` is set to the one in effect."""
+    import os
+
     import torch
     from accelerate import Accelerator
 
     _reset_accelerate_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    trackers = tracking.make_trackers(config)
+    kwargs = {"log_with": trackers} if trackers else {}
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if config.given("mixed_precision"):
+        # "no" is also what `accelerate launch` sets when not told: only another choice conflicts
+        if launcher and launcher.lower() not in ("no", config.mixed_precision):
+            raise LorakitError(f"--mixed-precision {config.mixed_precision} conflicts with accelerate's {launcher} "
+                               "(accelerate launch --mixed_precision or its config file); drop one of them.")
+        kwargs["mixed_precision"] = config.mixed_precision
+    accelerator = Accelerator(**kwargs)
+    config.mixed_precision = str(accelerator.mixed_precision)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise LorakitError("--mixed-precision fp16 needs a GPU (on CPU it does nothing); use bf16 or no.")
+        chosen = "--mixed-precision fp16" if config.given("mixed_precision") else "accelerate's fp16 (launch, config)"
+        raise LorakitError(f"{chosen} needs a GPU (on CPU it does nothing); use bf16 or no.")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     return accelerator, accelerator.device, dtype
 

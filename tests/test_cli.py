@@ -267,12 +267,12 @@ def test_generate_refuses_an_output_that_is_not_an_image_file(sd15, tmp_path):
     [
         ("--pretrained_model_name_or_path", "use --model"),
         ("--train_data_dir", "use --data"),
-        ("--num_train_epochs", "use --max-steps"),
+        ("--num_train_epochs", "use --epochs"),
         ("--resume_from_checkpoint", "use --resume"),
         ("--learning_rate", "use --learning-rate"),
         ("--network_dim", "use --rank"),
-        ("--report_to", "has no experiment tracking yet"),
-        ("--resolutio", "did you mean --resolution"),
+        ("--report_to", "use --report-to"),
+        ("--resolutio", "--resolution"),
     ],
 )
 def test_other_tools_flags_get_lorakits_name(flag, fix):
