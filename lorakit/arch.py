@@ -47,7 +47,8 @@ class ArchInfo:
     #: Frozen components that only encode inputs (a VAE, an image encoder): released from the
     #: device once every input is cached.
     input_encoders: tuple = ()
-    #: kohya-style key prefix per component (see the ``kohya_prefixes`` hook); None = no convention.
+    #: kohya-style key prefix per component (see the ``kohya_prefixes`` hook; the paths after it come
+    #: from the ``kohya_module_names`` hook, where an arch has one); None = no convention.
     kohya_prefixes: dict | None = None
     #: The arch's own options (:class:`lorakit.options.Option`), accepted with ``--arch`` this arch.
     options: tuple = ()

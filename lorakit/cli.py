@@ -344,21 +344,20 @@ def generate(
 
 @app.command(cls=_HintingCommand)
 def convert(
-    source: Path = typer.Argument(..., help="lorakit LoRA: a .safetensors file or a training output folder."),
+    source: Path = typer.Argument(..., help="LoRA to convert: a .safetensors file (lorakit/diffusers or kohya/A1111/ComfyUI) or a training output folder."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),
     arch: str = typer.Option(..., "--arch", help="Architecture the LoRA was trained for."),
-    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts)."),
+    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts) or diffusers (lorakit's own; also --to lorakit)."),
+    model: str = typer.Option("", "--model", help="Base model (hub id or folder) whose layer names the file uses; needed to read a kohya file, and for archs whose kohya names follow the model's config (default: the training run's model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ):
-    """Convert a lorakit LoRA to another tool's format (kohya-style keys)."""
+    """Convert a LoRA between lorakit's (diffusers) format and kohya's (A1111, ComfyUI)."""
     _quiet_libraries()
 
     def go():
-        if to != "kohya":
-            raise LorakitError(f"--to {to} is not a known format; the only one is kohya.")
-        from lorakit.convert import convert_to_kohya
+        from lorakit.convert import convert as convert_lora
 
-        return convert_to_kohya(arch, source, target, overwrite=overwrite)
+        return convert_lora(arch, source, target, to, model=model or None, overwrite=overwrite)
 
     typer.echo(f"wrote {_run(go)}")
 

@@ -1,112 +1,106 @@
-"""Converting a lorakit LoRA file to the kohya naming that A1111, ComfyUI and kohya's tools read.
+"""``lorakit convert``: a LoRA file from one format to another.
 
-A lorakit file holds PEFT keys (``<component>.<module path>.lora_A.weight``) and the
-adapter configs as JSON under ``lora_adapter_metadata``. The kohya file holds, per layer,
-``<prefix>_<module path with '_' for '.'>.lora_down.weight`` / ``.lora_up.weight`` and a
-0-d ``.alpha``; the arch says which prefix each component gets (``kohya_prefixes`` hook).
-Read and written with safetensors only: no pickle.
+Formats: ``lorakit`` (alias ``diffusers``; what ``lorakit train`` writes and diffusers'
+``load_lora_weights`` reads) and ``kohya`` (A1111, Forge, ComfyUI, kohya's sd-scripts). The
+source's format is read from its keys. The naming rules are in :mod:`lorakit.formats.kohya`;
+this module finds the base model the names depend on, checks the arch, and publishes the
+result atomically. Read and written with safetensors only: no pickle.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
+import tempfile
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.formats import METADATA_KEY, detect_format
+from lorakit.formats.kohya import (  # noqa: F401  (kept importable from here)
+    KOHYA_METADATA_KEY,
+    kohya_metadata,
+    kohya_state_dict,
+    lorakit_layers,
+    peft_layers,
+)
 from lorakit.pipelines import resolve_lora_file
 
-METADATA_KEY = "lora_adapter_metadata"
-# Kept under another name in the kohya file: diffusers reads `lora_adapter_metadata` as the
-# config of PEFT-named keys and then refuses the kohya file's alphas.
-KOHYA_METADATA_KEY = "lorakit_adapter_metadata"
-_LORA_KEY = re.compile(r"^(?P<component>[^.]+)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+FORMATS = {"kohya": "kohya", "lorakit": "lorakit", "diffusers": "lorakit"}
+RUN_CONFIG = "lorakit_config.json"
+#: lorakit run options -> kohya's header fields for the same fact
+TRAINING_FACTS = {
+    "learning_rate": "ss_learning_rate", "max_steps": "ss_max_train_steps", "seed": "ss_seed",
+    "batch_size": "ss_batch_size_per_device", "gradient_accumulation": "ss_gradient_accumulation_steps",
+    "mixed_precision": "ss_mixed_precision", "lr_scheduler": "ss_lr_scheduler",
+}
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: a key matches a module path suffix."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+def _run_config(source: Path) -> dict:
+    """The training run's settings when ``source`` is the weight file of a lorakit output folder."""
+    file = source.parent / RUN_CONFIG
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
-def _layer_alpha(config: dict, module: str, rank: int) -> float:
-    """The kohya alpha (scale = alpha / rank) giving this layer the scale it was trained with."""
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
-    if config.get("use_rslora"):
-        return alpha * math.sqrt(rank)  # PEFT scaled by alpha / sqrt(rank)
-    return alpha
+def _base_model(given, run: dict) -> Path | None:
+    """``--model`` (hub id or folder), else the run's own model if it is a local folder."""
+    from lorakit.models import resolve_model
+
+    if given:
+        return resolve_model(str(given), flag="--model")
+    model = Path(str(run.get("model") or "")).expanduser()
+    return model if run.get("model") and (model / "model_index.json").is_file() else None
 
 
-def _component_configs(metadata: dict, components) -> dict:
-    """``{component: {option: value}}`` from lorakit's flat ``"<component>.<option>"`` JSON."""
-    configs = {c: {} for c in components}
-    for key, value in metadata.items():
-        component, _, option = key.partition(".")
-        if component in configs:
-            configs[component][option] = value
-    return configs
+def _training_facts(run: dict) -> dict:
+    facts = {kohya: run[ours] for ours, kohya in TRAINING_FACTS.items() if run.get(ours) not in (None, "", "no")}
+    if run.get("resolution"):
+        facts["ss_resolution"] = f"({run['resolution']}, {run['resolution']})"
+    return facts
 
 
-def kohya_state_dict(tensors: dict, metadata: dict, prefixes: dict) -> dict:
-    """Rename a lorakit (PEFT) state dict to kohya keys and add each layer's ``.alpha``."""
-    import torch
+def kohya_names(pm, component: str, modules, model_config) -> dict:
+    """``{module path: kohya layer name}`` for layers of ``component`` (one-to-one, checked)."""
+    from collections import Counter
 
-    layers: dict[tuple[str, str], dict] = {}
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if not match:
-            raise LorakitError(
-                f"cannot convert weight '{key}': only plain LoRA layers (lora_A/lora_B) have a kohya form "
-                "(DoRA, LoRA biases and saved modules do not)."
-            )
-        layers.setdefault((match["component"], match["module"]), {})[match["which"]] = tensor
-    components = sorted({c for c, _ in layers})
-    missing = [c for c in components if c not in prefixes]
-    if missing:
-        raise LorakitError(
-            f"the file has LoRA for {', '.join(missing)}, which this arch has no kohya prefix for "
-            f"(it has: {', '.join(prefixes) or 'none'})."
-        )
-    configs = _component_configs(metadata, components)
-    for component, config in configs.items():
-        if config.get("use_dora"):
-            raise LorakitError(f"{component} LoRA uses DoRA, which the kohya format written here cannot hold.")
-    out = {}
-    for (component, module), pair in sorted(layers.items()):
-        if set(pair) != {"A", "B"}:
-            raise LorakitError(f"layer {component}.{module} lacks lora_A or lora_B; the file is incomplete.")
-        name = f"{prefixes[component]}_{module.replace('.', '_')}"
-        if f"{name}.lora_down.weight" in out:
-            raise LorakitError(f"two layers map to the kohya name {name}; this file cannot be converted.")
-        rank = pair["A"].shape[0]
-        out[f"{name}.lora_down.weight"] = pair["A"]
-        out[f"{name}.lora_up.weight"] = pair["B"]
-        out[f"{name}.alpha"] = torch.tensor(_layer_alpha(configs[component], module, rank), dtype=torch.float32)
-    return out
+    prefixes = pm.hook.kohya_prefixes() or {}
+    modules = list(modules)
+    paths = pm.hook.kohya_module_names(component=component, modules=modules, model_config=model_config)
+    if paths is None:
+        paths = {m: m for m in modules}
+    names = {m: f"{prefixes[component]}_{paths[m].replace('.', '_')}" for m in modules}
+    if len(set(names.values())) != len(names):
+        twice = [n for n, c in Counter(names.values()).items() if c > 1][0]
+        raise LorakitError(f"two layers map to the kohya name {twice}; this file cannot be converted.")
+    return names
 
 
-def kohya_metadata(metadata: dict, denoiser: str, raw_metadata: str) -> dict:
-    """kohya's header fields (strings, as kohya writes them) plus lorakit's own JSON."""
-    configs = _component_configs(metadata, {c.partition(".")[0] for c in metadata})
-    main = configs.get(denoiser) or next(iter(configs.values()), {})
-    header = {"ss_network_module": "networks.lora", KOHYA_METADATA_KEY: raw_metadata}
-    if "r" in main:
-        header["ss_network_dim"] = str(main["r"])
-        header["ss_network_alpha"] = str(main.get("lora_alpha", main["r"]))
-    header["ss_network_train_unet_only"] = str(set(configs) <= {denoiser})
-    return header
+def _every_layer_name(pm, component: str, layers, config) -> dict:
+    """kohya names of every layer of the base model that has one (one kohya's model lacks is skipped)."""
+    try:
+        return kohya_names(pm, component, layers, config)
+    except LorakitError:
+        named = {}
+        for layer in layers:
+            try:
+                named.update(kohya_names(pm, component, [layer], config))
+            except LorakitError:
+                continue
+        return named
 
 
-def convert_to_kohya(arch: str, source, target, overwrite: bool = False) -> Path:
-    """Write the lorakit LoRA ``source`` (file or output folder) as a kohya-style ``target``."""
+def convert(arch: str, source, target, to: str, model=None, overwrite: bool = False) -> Path:
+    """Write the LoRA ``source`` (file or lorakit output folder) as ``target`` in format ``to``
+    (``kohya``, ``lorakit`` or ``diffusers``). ``model`` is the base model (hub id or folder)
+    the layer names depend on; needed to read kohya files, and where the arch's kohya names
+    follow the model's config."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from lorakit.plugins import get_plugin_manager
 
+    if to not in FORMATS:
+        raise LorakitError(f"--to {to} is not a known format; pick one of: kohya, diffusers (same as lorakit).")
     source = resolve_lora_file(source)
     target = Path(target).expanduser()
     if target.suffix != ".safetensors":
@@ -114,17 +108,88 @@ def convert_to_kohya(arch: str, source, target, overwrite: bool = False) -> Path
     if target.exists() and not overwrite:
         raise LorakitError(f"{target} exists; pass --overwrite or another output path.")
     pm = get_plugin_manager(arch)
-    prefixes = pm.hook.kohya_prefixes()
-    if not prefixes:
+    if not pm.hook.kohya_prefixes():
         raise LorakitError(f"arch '{arch}' has no kohya naming convention; its LoRA cannot be converted to kohya.")
+    run = _run_config(source)
+    if run.get("arch") and run["arch"] != arch:
+        raise LorakitError(
+            f"LoRA {source} was trained with --arch {run['arch']} (its {RUN_CONFIG} says so); convert it with --arch {run['arch']}."
+        )
     with safe_open(str(source), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+        header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if raw is None:
+    kind = detect_format(tensors)
+    wanted = FORMATS[to]
+    if kind == wanted:
+        raise LorakitError(f"{source} is already in {to} format; pass --to {'diffusers' if to == 'kohya' else 'kohya'}.")
+    base = _base_model(model, run)
+    if kind == "kohya":
+        return _kohya_to_lorakit(pm, tensors, header, base, target, source)
+    if kind != "lorakit" or METADATA_KEY not in header:
         raise LorakitError(f"{source} has no {METADATA_KEY} in its header; pass a LoRA file written by lorakit.")
+    return _lorakit_to_kohya(pm, tensors, header[METADATA_KEY], base, target, run)
+
+
+def convert_to_kohya(arch: str, source, target, overwrite: bool = False, model=None) -> Path:
+    """Write the lorakit LoRA ``source`` (file or output folder) as a kohya-style ``target``."""
+    return convert(arch, source, target, "kohya", model=model, overwrite=overwrite)
+
+
+def _configs(pm, base: Path | None) -> dict:
+    from lorakit.formats.layout import component_config
+
+    if base is None:
+        return {}
+    return {c: cfg for c in pm.hook.kohya_prefixes() if (cfg := component_config(base, c)) is not None}
+
+
+def _lorakit_to_kohya(pm, tensors: dict, raw: str, base: Path | None, target: Path, run: dict) -> Path:
+    from safetensors.torch import save
+
+    from lorakit import fsutil
+    from lorakit.formats.layout import component_layers
+
     metadata = json.loads(raw)
-    state = kohya_state_dict(tensors, metadata, prefixes)
-    header = kohya_metadata(metadata, pm.hook.arch_info().denoiser, raw)
+    layers = peft_layers(tensors)
+    configs = _configs(pm, base)
+    names = {}
+    for component in sorted({c for c, _ in layers}):
+        modules = [m for c, m in layers if c == component]
+        if base is not None and component in configs:  # a layer the base model lacks: another arch or model
+            known = set(component_layers(base, component))
+            stray = [m for m in modules if m not in known]
+            if stray:
+                raise LorakitError(
+                    f"LoRA layer {component}.{stray[0]} is not in --model {base} ({len(stray)} such layers); "
+                    "pass the base model it was trained on, and the --arch it was trained with."
+                )
+        if component in (pm.hook.kohya_prefixes() or {}):
+            for module, name in kohya_names(pm, component, modules, configs.get(component)).items():
+                names[(component, module)] = name
+    state = kohya_state_dict(tensors, metadata, pm.hook.kohya_prefixes(), names)
+    extra = {**(pm.hook.kohya_metadata(model_configs=configs) or {}), **_training_facts(run)}
+    if base is not None:
+        extra.setdefault("ss_sd_model_name", Path(str(run.get("model") or base)).name)  # as kohya: the basename
+    header = kohya_metadata(metadata, pm.hook.arch_info().denoiser, raw, extra)
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(target), metadata=header)
+    fsutil.replace_file(target, save(state, metadata=header))
+    return target
+
+
+def _kohya_to_lorakit(pm, tensors: dict, header: dict, base: Path | None, target: Path, source: Path) -> Path:
+    from lorakit import fsutil
+    from lorakit.formats.layout import component_config, component_layers
+
+    if base is None:
+        raise LorakitError(
+            f"{source} is a kohya file; reading its layer names needs the base model: pass --model (hub id or folder)."
+        )
+    def names_of(component):
+        return _every_layer_name(pm, component, component_layers(base, component), component_config(base, component))
+
+    layers = lorakit_layers(tensors, header, pm.hook.kohya_prefixes() or {}, names_of)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lorakit-convert-") as tmp:
+        pm.hook.save_lora(components={}, lora_layers=layers, output_dir=Path(tmp), weight_name=target.name)
+        fsutil.publish(Path(tmp) / target.name, target)
     return target

@@ -221,10 +221,37 @@ def kohya_prefixes():
     Returns ``{component_name: prefix}``, or ``None`` if the arch has no kohya convention
     (then ``lorakit convert --to kohya`` refuses it). A LoRA layer at module path ``P`` of
     the component is written as ``<prefix>_<P with '.' replaced by '_'>`` with
-    ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``. Include in the prefix any
+    ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``, ``P`` first renamed by
+    :func:`kohya_module_names` where the arch implements it (kohya's own prefixes, e.g.
+    ``lora_te1``, then go here). A plugin without that hook may instead put in the prefix any
     module path that the kohya reference model has above the component's own modules
     (e.g. ``"lora_te_text_model"`` for a CLIP text encoder of transformers >= 5).
     Must not import torch.
+    """
+
+
+@hookspec(firstresult=True)
+def kohya_module_names(component, modules, model_config):
+    """kohya's module path for each LoRA layer of ``component``.
+
+    ``modules`` are module paths of the component as lorakit (diffusers/transformers) names
+    them; ``model_config`` is the component's ``config.json`` as a dict, or ``None`` when no
+    base model is known. Returns ``{module: kohya_path}`` (dotted, without the prefix):
+    the path the same layer has in the model kohya's tools build, so the kohya key is
+    ``<prefix>_<kohya_path with '.' replaced by '_'>``. Must be one-to-one; ``lorakit
+    convert`` inverts it to read kohya files. Raise :class:`lorakit.LorakitError` for a
+    layer that has no kohya name, or when the mapping needs ``model_config`` and it is
+    ``None``. Without an implementation (or when it returns ``None``) the paths are kept.
+    """
+
+
+@hookspec(firstresult=True)
+def kohya_metadata(model_configs):
+    """The ``ss_*`` header fields kohya's tools read to tell the base model (strings).
+
+    ``model_configs`` is ``{component: config dict}`` of the base model (empty when none is
+    known). E.g. ``{"ss_base_model_version": "sd_v1", "ss_v2": "False"}``: A1111
+    decides from them which checkpoints a LoRA is listed for. Return only what is known.
     """
 
 

@@ -27,12 +27,28 @@ class SD15(DiffusersArch):
         pipeline_classes=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
         subfolders=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
         input_encoders=("vae",),
-        # kohya's names follow transformers 4's CLIPTextModel, which wrapped the encoder in
-        # `text_model`; transformers 5 dropped that level, so it goes in the prefix.
-        kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te_text_model"},
+        # kohya's own prefixes (networks/lora.py); SD1.x UNet names stay diffusers' (kohya trains
+        # SD1.x on diffusers' UNet), CLIP's get transformers 4's `text_model` (kohya_module_names)
+        kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
         guidance_scale=7.5,
     )
     pipeline_kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    @hookimpl
+    def kohya_module_names(self, component, modules, model_config):
+        from lorakit.formats.kohya import clip_text_model_path
+
+        return {m: m if component == "unet" else clip_text_model_path(m) for m in modules}
+
+    @hookimpl
+    def kohya_metadata(self, model_configs):
+        # kohya's model_util.get_model_version_str_for_sd1_sd2: "sd_v1" / "sd_v2"; A1111 reads
+        # ss_v2 == "True" as SD2. SD2's UNet cross-attends to 1024-wide OpenCLIP states, SD1's to 768.
+        unet = model_configs.get("unet")
+        if not unet:
+            return {}  # base model unknown: say nothing rather than guess
+        v2 = unet.get("cross_attention_dim") == 1024
+        return {"ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2)}
 
     @hookimpl
     def load_components(self, model_path, config, device, weight_dtype):

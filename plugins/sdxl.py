@@ -50,12 +50,34 @@ class SDXL(DiffusersArch):
         ),
         subfolders=("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"),
         input_encoders=("vae",),
-        # kohya's names follow transformers 4, where both CLIP encoders had a `text_model` level;
-        # transformers 5 dropped it from CLIPTextModel only (CLIPTextModelWithProjection keeps it).
-        kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1_text_model", "text_encoder_2": "lora_te2"},
+        # kohya's own prefixes (networks/lora.py); the paths after them: kohya_module_names
+        kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
         guidance_scale=5.0,
     )
     inference_scheduler = "EulerDiscreteScheduler"
+
+    @hookimpl
+    def kohya_module_names(self, component, modules, model_config):
+        """kohya trains SDXL on the original (SGM) UNet: its block names, from the UNet's config;
+        CLIP layers as transformers 4 names them (under ``text_model``)."""
+        from lorakit.formats.kohya import clip_text_model_path
+
+        if component != "unet":
+            return {m: clip_text_model_path(m) for m in modules}
+        if model_config is None:
+            raise LorakitError(
+                "kohya's SDXL UNet names follow the UNet's block layout; pass --model (the base model the LoRA "
+                "was trained on, hub id or folder)."
+            )
+        from .sdxl_kohya import sgm_module_names
+
+        return sgm_module_names(modules, model_config)
+
+    @hookimpl
+    def kohya_metadata(self, model_configs):
+        # A1111 lists a LoRA under SDXL checkpoints when this starts with "sdxl_" (network.py
+        # detect_version); kohya writes this value for SDXL base (sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0).
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
 
     def check_layout(self, path, subfolders=None):
         wanted = [s for s in (subfolders or self.info.subfolders)]
