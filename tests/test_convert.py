@@ -1,4 +1,5 @@
-"""`lorakit convert --to kohya`: diffusers' own kohya loader reproduces the trained model exactly."""
+"""`lorakit convert --to kohya`: diffusers' own kohya loader reproduces the trained model exactly
+(kohya's, ComfyUI's and A1111's own naming rules are checked in test_kohya.py)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,19 @@ def test_cli_converts_and_refuses_to_overwrite(sd15_lora, tmp_path):
     assert convert_cli("--arch", "sd15", "--to", "kohya", "--overwrite", weights, out).exit_code == 0
 
 
+def test_cli_converts_back_to_diffusers_exactly(sd15_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    model, weights = sd15_lora
+    kohya, back = tmp_path / "kohya.safetensors", tmp_path / "back.safetensors"
+    assert convert_cli("--arch", "sd15", "--to", "kohya", weights, kohya).exit_code == 0
+    assert_one_line_error(convert_cli("--arch", "sd15", "--to", "diffusers", kohya, back), "pass --model")
+    ok = convert_cli("--arch", "sd15", "--to", "diffusers", "--model", model, kohya, back)
+    assert ok.exit_code == 0, ok.output
+    original, again = load_file(str(weights)), load_file(str(back))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
 def test_cli_errors(sd15_lora, tmp_path):
     _, weights = sd15_lora
     out = tmp_path / "k.safetensors"
@@ -141,5 +155,5 @@ def test_cli_errors(sd15_lora, tmp_path):
     assert_one_line_error(convert_cli("--arch", "sd15", "--to", "kohya", pickle, out), "not a .safetensors file")
     assert_one_line_error(convert_cli("--arch", "sd15", "--to", "kohya", tmp_path / "nope.safetensors", out), "does not exist")
     assert_one_line_error(convert_cli("--arch", "kandinsky22", "--to", "kohya", weights, out), "no kohya naming")
-    assert_one_line_error(convert_cli("--arch", "sd15", "--to", "webui", weights, out), "--to webui")
+    assert_one_line_error(convert_cli("--arch", "sd15", "--to", "webui", weights, out), "--to webui", "kohya, diffusers")
     assert not out.exists()
