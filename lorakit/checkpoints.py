@@ -24,6 +24,8 @@ from lorakit.outputs import (  # noqa: F401
     WEIGHT_NAME,
     check_output_dir,
     clear_earlier_run,
+    disk_full,
+    record,
     write_model_card,
     write_run_config,
 )
@@ -119,6 +121,20 @@ def resume(state, candidates: list[Path], output_dir: Path, explicit: bool) -> P
         f"--resume latest: no intact checkpoint in {output_dir} ({'; '.join(skipped)}); "
         "remove the damaged checkpoint folders to start from step 0, or start over with --overwrite."
     )
+
+
+def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None) -> Path:
+    """``state.save`` recorded in the manifest; a full disk is one line saying what to do."""
+    name = f"checkpoint-{state.global_step}"
+    try:
+        record(output_dir, name)
+        return state.save(output_dir, write_lora, limit, process_rng)
+    except Exception as exc:
+        if not fsutil.is_disk_full(exc):
+            raise
+        earlier = list_checkpoints(output_dir)
+        need = fsutil.tree_size(earlier[-1]) if earlier else state.estimated_size()
+        raise disk_full(output_dir, need, name) from None
 
 
 def remove_strays(output_dir: Path) -> None:

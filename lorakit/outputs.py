@@ -223,6 +223,24 @@ def clear_earlier_run(output_dir: Path, config) -> None:
 
 
 # ---------------------------------------------------------------------------- what a run writes
+def _one_line_when_disk_full(what: str):
+    """A full disk while writing ``what`` ends in one line, not a traceback."""
+    import functools
+
+    def wrap(write):
+        @functools.wraps(write)
+        def written(output_dir, *args, **kwargs):
+            try:
+                return write(output_dir, *args, **kwargs)
+            except OSError as exc:
+                if not fsutil.is_disk_full(exc):
+                    raise
+                raise disk_full(Path(output_dir), None, what) from None
+        return written
+    return wrap
+
+
+@_one_line_when_disk_full("the run config")
 def write_run_config(output_dir: Path, config) -> None:
     fsutil.replace_file(_claim(output_dir, RUN_CONFIG), config.to_json().encode())
 
@@ -258,20 +276,6 @@ def write_final_lora(write, output_dir: Path, need: int | None = None) -> Path:
         raise
     fsutil.remove_tree(tmp)
     return output_dir / WEIGHT_NAME
-
-
-def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None) -> Path:
-    """``state.save`` recorded in the manifest; a full disk is one line saying what to do."""
-    name = f"checkpoint-{state.global_step}"
-    record(output_dir, name)
-    try:
-        return state.save(output_dir, write_lora, limit, process_rng)
-    except Exception as exc:
-        if not fsutil.is_disk_full(exc):
-            raise
-        earlier = list_checkpoints(output_dir)
-        need = fsutil.tree_size(earlier[-1]) if earlier else state.estimated_size()
-        raise disk_full(output_dir, need, name) from None
 
 
 def disk_full(output_dir: Path, need: int | None, what: str) -> LorakitError:
@@ -313,9 +317,15 @@ def write_samples(pm, components, config, autocast, resolution: int, folder: Pat
             continue
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        fsutil.replace_file(path, buffer.getvalue())
+        _write_sample(output_dir, path, buffer.getvalue())
 
 
+@_one_line_when_disk_full("sample images")
+def _write_sample(output_dir: Path, path: Path, data: bytes) -> None:
+    fsutil.replace_file(path, data)
+
+
+@_one_line_when_disk_full("the model card")
 def write_model_card(output_dir: Path, config, info, steps: int) -> None:
     targets = ", ".join(config.target_modules) if config.target_modules else "arch defaults"
     text = f"""{_CARD_START}

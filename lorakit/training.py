@@ -245,7 +245,7 @@ class Trainer:
             self.progress.finish()
         step, saved = self.global_step, self.output_dir / f"checkpoint-{self.global_step}"
         if step and not saved.is_dir() and self.stepper.rewind_to_finished_step() and self.accelerator.is_main_process:
-            saved = outputs.save_checkpoint(self.state, self.output_dir, self._write_lora,
+            saved = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
                                             self.config.checkpoints_limit)
         if step and saved.is_dir():
             stop.lorakit_note = f"{getattr(stop, 'summary', 'interrupted')} at step {step}; saved {saved.name}"
@@ -260,7 +260,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        path = outputs.save_checkpoint(self.state, self.output_dir, self._write_lora,
+        path = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
                                        self.config.checkpoints_limit, process_rng)
         self._say(f"saved {path}")
         return path
