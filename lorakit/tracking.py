@@ -163,7 +163,11 @@ class RunTracker:
     def finish(self) -> None:
         if not self.active or not self.accelerator.trackers:
             return
-        self.accelerator.end_training()
+        # not accelerator.end_training(): it also destroys the process group, which the run
+        # still needs (the final files are written after the trackers close)
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
         self._record(self._before)
 
     # -- the manifest: files a tracker creates inside --output are the run's
