@@ -166,7 +166,7 @@ ROWS = [
     Row("targets-block", "train --target-modules attn1 (a block, not a layer)",
         lambda c: c.train("--target-modules", "attn1"), "error: --target-modules attn1 names Attention blocks of 'unet', not layers; LoRA goes on the Linear or Conv layers inside, such as to_q, to_k, to_v, to_out.0."),
     Row("unknown-flag", "train --rnak 4", lambda c: c.train("--rnak", "4"),
-        'error: no such option --rnak; did you mean --lr or --rank? See `lorakit train --help`.', code=2),
+        'error: no such option --rnak; did you mean --lr or --rank or --run-name? See `lorakit train --help`.', code=2),
     Row("foreign-flag", "train --pretrained_model_name_or_path x", lambda c: c.train("--pretrained_model_name_or_path", "x"),
         "error: --pretrained_model_name_or_path is not a lorakit flag (that is another tool's spelling); use --model.", code=2),
     Row("arch-unknown", "train --arch sd99", lambda c: c.train("--arch", "sd99"), "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
@@ -302,6 +302,9 @@ ROWS = [
         'error: Got unexpected extra argument(s) (extra); see `lorakit list-archs --help`.', code=2),
     Row("list-archs-unknown-flag", "list-archs --jsn", lambda c: ["list-archs", "--jsn"],
         'error: no such option --jsn; did you mean --json? See `lorakit list-archs --help`.', code=2),
+    Row("epochs-zero", "train --epochs 0", lambda c: c.train("--epochs", "0"), 'error: --epochs must be a positive integer, got 0.'),
+    Row("report-to-unknown", "train --report-to mlflow", lambda c: c.train("--report-to", "mlflow"),
+        'error: --report-to must be one of tensorboard, wandb, all, none, got \'mlflow\'.'),
 ]
 
 
