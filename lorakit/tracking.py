@@ -148,7 +148,12 @@ class RunTracker:
         import numpy as np
         from PIL import Image
 
-        paths = sorted(Path(folder).glob(f"step-{step:06d}-*.png"))
+        from lorakit import outputs
+
+        # only lorakit's own files: a user's file of the same name is left unwritten, so not logged
+        ours = set(outputs.recorded(self.output_dir) or ())
+        paths = [p for p in sorted(Path(folder).glob(f"step-{step:06d}-*.png"))
+                 if f"{Path(folder).name}/{p.name}" in ours]
         if not paths:
             return
         images = [Image.open(p).convert("RGB") for p in paths]

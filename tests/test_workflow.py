@@ -114,6 +114,16 @@ def test_tensorboard_gets_every_step_the_config_and_samples(model, tmp_path):
     assert not list((out / "logs").rglob("events.out.tfevents.*"))
 
 
+def test_a_users_file_with_a_sample_name_is_not_logged(model, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "step-000003-0.png").write_bytes((example_data() / "red.png").read_bytes())
+    Trainer(config(model, out, max_steps=6, report_to="tensorboard", run_name="tb",
+                   validation_prompt="a red circle", validation_every=3)).setup().run()
+    assert [e.step for e in events(out / "logs" / "tb").Images("validation")] == [6]
+
+
 def test_default_is_tensorboard_when_installed_else_none(model, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     c = tiny_config("sd15", model, example_data(), tmp_path / "o")  # no --report-to
