@@ -109,7 +109,10 @@ FOREIGN_FLAGS = {
     "--text_encoder_lr": "--text-encoder-lr",
 }
 #: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
-NOT_YET = {"--push-to-hub": "pushing to the Hub", "--push_to_hub": "pushing to the Hub"}
+NOT_YET = {
+    flag: "lorakit has no Hub upload yet; drop the flag and upload OUTPUT with `hf upload USER/NAME OUTPUT`"
+    for flag in ("--push-to-hub", "--push_to_hub", "--hub-model-id", "--hub_model_id")
+}
 
 
 class _HintingCommand(TyperCommand):
@@ -129,7 +132,7 @@ class _HintingCommand(TyperCommand):
             known = {flag for p in self.params for flag in (*p.opts, *getattr(p, "secondary_opts", ()))}
             dashed = "--" + name.lstrip("-").replace("_", "-")
             if name in NOT_YET:
-                _fail(f"{name}: lorakit has no {NOT_YET[name]} yet; drop the flag (the loss is printed as it trains).", 2)
+                _fail(f"{name}: {NOT_YET[name]}.", 2)
             hint = FOREIGN_FLAGS.get(name) or (dashed if dashed in known else None)
             if hint:
                 _fail(f"{name} is not a lorakit flag (that is another tool's spelling); use {hint}.", 2)
