@@ -137,6 +137,21 @@ def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None
         raise disk_full(output_dir, need, name) from None
 
 
+def save_on_stop(trainer, stop) -> None:
+    """Ctrl-C / SIGTERM: keep the work done. The optimizer and weights are those of the last
+    finished step; the RNG states go back to where that step ended, so resuming is exact."""
+    t = trainer
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.progress is not None and t.accelerator.is_main_process:
+        t.progress.finish()
+    step, saved = t.global_step, t.output_dir / f"checkpoint-{t.global_step}"
+    if step and not saved.is_dir() and t.stepper.rewind_to_finished_step() and t.accelerator.is_main_process:
+        saved = save_checkpoint(t.state, t.output_dir, t._write_lora, t.config.checkpoints_limit)
+    if step and saved.is_dir():
+        stop.lorakit_note = f"{getattr(stop, 'summary', 'interrupted')} at step {step}; saved {saved.name}"
+        log.warning("stopped at step %d; saved %s", step, saved)
+
+
 def remove_strays(output_dir: Path) -> None:
     """Undo what a kill during a save left: a half-written ``.checkpoint-N.tmp`` goes; a
     ``.checkpoint-N.old`` (moved aside while its replacement was renamed in) comes back when the

@@ -139,6 +139,14 @@ class OutputLock:
             pass
 
 
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class StopRequested(KeyboardInterrupt):
     """SIGINT or SIGTERM asked the run to stop; ``exit_code`` is the shell's 128 + signal."""
 
@@ -162,7 +170,7 @@ class RunGuard:
         self.previous: dict = {}
         self.received = None  # the first stop request's signal number
         self.raised = False
-        self.deferring = False
+        self.deferring = self.running = False
         self.busy = lambda: False
 
     def lock_output(self) -> None:
@@ -174,7 +182,9 @@ class RunGuard:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.lock = OutputLock.acquire(self.output_dir)
 
-    def install(self) -> None:
+    def install(self, running: bool = False) -> None:
+        """Take SIGINT/SIGTERM (main thread only); ``running``: the loop, which calls :meth:`check`."""
+        self.running = running
         if threading.current_thread() is not threading.main_thread() or self.previous:
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -204,7 +214,24 @@ class RunGuard:
         if self.deferring or self.busy():
             log.warning("%s: stopping once the current update or checkpoint is written", name)
             return
+        if _importing(frame):  # an exception inside an import can leave modules half-initialised
+            if self.running:
+                return  # the loop's next check() stops the run
+            self._exit_now(signum)
         self.check()
+
+    def _exit_now(self, signum: int) -> None:
+        """A stop during setup, inside an import: nothing to save yet, so end the process here."""
+        import sys
+
+        from lorakit.progress import resume_hint
+
+        if self.lock is not None:
+            self.lock.release()
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"error: stopped by {name} during setup (nothing to save yet); {resume_hint()}.\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
     def check(self) -> None:
         if self.received is not None and not self.raised:

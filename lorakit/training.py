@@ -183,7 +183,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
-        self.guard.install()
+        self.guard.install(running=True)
         try:
             return self._run()
         finally:
@@ -222,7 +222,7 @@ class Trainer:
                     tracker.log_samples(self.global_step, self.output_dir / "samples")
         except KeyboardInterrupt as stop:
             guard.stopping()
-            self._save_on_interrupt(stop)
+            checkpoints.save_on_stop(self, stop)
             raise
         finally:
             tracker.finish()
@@ -236,20 +236,6 @@ class Trainer:
                         signal.Signals(guard.received).name)
         log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
         return TrainResult(self.output_dir, weights, self.global_step, self.losses)
-
-    def _save_on_interrupt(self, stop):
-        """Ctrl-C / SIGTERM: keep the work done. The optimizer and weights are those of the last
-        finished step; the RNG states go back to where that step ended, so resuming is exact."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.progress is not None and self.accelerator.is_main_process:
-            self.progress.finish()
-        step, saved = self.global_step, self.output_dir / f"checkpoint-{self.global_step}"
-        if step and not saved.is_dir() and self.stepper.rewind_to_finished_step() and self.accelerator.is_main_process:
-            saved = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
-                                            self.config.checkpoints_limit)
-        if step and saved.is_dir():
-            stop.lorakit_note = f"{getattr(stop, 'summary', 'interrupted')} at step {step}; saved {saved.name}"
-            log.warning("stopped at step %d; saved %s", step, saved)
 
     # ------------------------------------------------------------------ outputs
     def _write_lora(self, folder: Path) -> Path:

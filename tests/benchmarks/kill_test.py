@@ -12,7 +12,9 @@ recorded by what was observed when the signal went out:
 - ``before-first-checkpoint``: a step done, no ``checkpoint-3`` yet;
 - ``checkpoint-write``: while a ``.checkpoint-N.tmp`` folder exists (a save in progress);
 - ``mid-run``: between later steps;
-- ``after-last-step``: the last step done, the final files being written (or written).
+- ``after-last-step``: the last step done, the final files being written;
+- ``after-the-run-returned``: the signal came after the run had published its files and
+  handed the signal handlers back (the exiting process ends as the signal's default says).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +36,7 @@ STEPS, EVERY = 12, 3
 PHASES = ("setup", "before-first-checkpoint", "checkpoint-write", "mid-run", "after-last-step")
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 WEIGHTS = "pytorch_lora_weights.safetensors"
+PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b")  # a progress line: "[epoch e/E ]step n/N loss=..."
 
 
 def env() -> dict:
@@ -51,15 +55,18 @@ class Watched:
 
     def __init__(self, cmd: list[str], out: Path):
         self.out = out
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        # a shell's background job (nohup ... &) ignores SIGINT, and so would its children
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.steps, self.stderr, self.started = 0, [], time.monotonic()
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
 
     def _read_stdout(self):
         for line in self.proc.stdout:
-            if line.startswith("step "):
-                self.steps = int(line.split()[1].split("/")[0])
+            match = PROGRESS.search(line)
+            if match and "loss=" in line:
+                self.steps = int(match.group(1))
 
     def writing_checkpoint(self) -> bool:
         try:
@@ -106,7 +113,7 @@ def kill_once(cmd: list[str], out: Path, sig: int, target: str, rng: random.Rand
         _wait_until(w, lambda: w.steps >= at)
     else:
         _wait_until(w, lambda: w.steps >= STEPS)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.15))
     phase = w.phase() if w.alive() else "after-exit"
     if w.alive():
         w.proc.send_signal(sig)
@@ -151,11 +158,16 @@ def trial(root: Path, model: Path, data: Path, reference: Path, index: int, sig_
     cmd = command(model, data, out)
     phase, rc, stderr = kill_once(cmd, out, SIGNALS[sig_name], target, rng)
     expected_rc = {"SIGKILL": -9, "SIGTERM": 143, "SIGINT": 130}[sig_name]
-    clean = rc == expected_rc or rc == 0
+    # a signal that lands after the run returned (its files published, the handlers given
+    # back) ends the exiting process the default way: the run is complete all the same
+    completed = f"trained {STEPS} steps" in stderr and (out / WEIGHTS).is_file()
+    clean = rc == expected_rc or rc == 0 or (completed and rc == -SIGNALS[sig_name])
     one_line = sig_name == "SIGKILL" or "Traceback" not in stderr
     done = finish(cmd)
     resumed = done.returncode == 0
     matched = resumed and same_weights(out / WEIGHTS, reference)
+    if completed and phase == "after-last-step" and rc != expected_rc:
+        phase = "after-the-run-returned"
     return {"signal": sig_name, "target": target, "phase": phase, "rc": rc, "clean_exit": clean and one_line,
             "resumed": resumed, "matched": matched, "resume_stderr": done.stderr[-1500:] if not resumed else "",
             "kill_stderr": stderr[-1500:] if not (clean and one_line) else ""}
