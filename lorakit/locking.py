@@ -176,8 +176,9 @@ class RunGuard:
     def lock_output(self) -> None:
         if not is_main_launch_process():
             return
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise LorakitError(f"--output {self.output_dir} is a file; pass a folder.")
+        from lorakit.outputs import check_output_path
+
+        check_output_path(self.output_dir)
         self.created = not self.output_dir.exists()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.lock = OutputLock.acquire(self.output_dir)

@@ -117,6 +117,15 @@ def _refuse_foreign_files(output_dir: Path) -> None:
                                "move it away or choose another --output.")
 
 
+def check_output_path(output_dir: Path) -> None:
+    """Refuse an ``--output`` that is a file or lies under one, before anything is loaded."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LorakitError(f"--output {output_dir} is a file; pass a folder.")
+    blocked = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise LorakitError(f"--output {output_dir}: {blocked} is a file, so the folder cannot be made; pick another path.")
+
+
 def check_output_dir(output_dir: Path, config) -> Path | None:
     """Decide what a run may do with ``--output``, touching nothing; return the checkpoint to
     resume from (for ``--resume latest`` the newest, damaged or not), if any.
@@ -124,8 +133,7 @@ def check_output_dir(output_dir: Path, config) -> Path | None:
     An output folder holding an earlier run is refused unless ``--resume`` (continue it)
     or ``--overwrite`` (replace lorakit's own files in it, see :func:`clear_earlier_run`).
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise LorakitError(f"--output {output_dir} is a file; pass a folder.")
+    check_output_path(output_dir)
     _refuse_foreign_files(output_dir)
     resume = config.resume
     if not resume:
