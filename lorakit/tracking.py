@@ -4,8 +4,8 @@
 extras (``pip install lorakit[tensorboard]``, ``lorakit[wandb]``) and a missing one is one
 error line before any model loads. Per optimizer step a run logs the raw and smoothed loss,
 each parameter group's learning rate (the one the step used), the gradient norm before
-clipping, steps/s and samples/s, the epoch and any mode metrics (DreamBooth's
-``instance_loss`` and ``prior_loss``); sample images as images when they are written; the
+clipping, steps/s and samples/s, the epoch and any metrics a mode reports (e.g. the two
+parts of a prior-preservation loss); sample images as images when they are written; the
 run's config as hyper-parameters. Only the main process logs.
 
 TensorBoard writes to ``--logging-dir`` (default ``OUTPUT/logs``) / ``--run-name`` (default

@@ -97,7 +97,7 @@ def _from_metadata(folder: Path, caption_column: str | None) -> list[Sample]:
     table, rows = _read_metadata_rows(folder)
     if not rows:
         raise LorakitError(f"{table} lists no images; add one line per image.")
-    columns = {k for _, row in rows for k in row if k is not None}
+    columns = list(dict.fromkeys(k for _, row in rows for k in row if k is not None))  # first-seen order
     if "file_name" not in columns:
         raise LorakitError(f"{table} has no 'file_name' column; each line needs the image's file_name.")
     column = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(table), "--caption-column")
