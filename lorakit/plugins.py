@@ -220,9 +220,11 @@ def list_archs() -> list[dict]:
             "error": None,
         }
         try:
-            info = arch_info(arch_id)
-            row["description"] = info.description
             pm = get_plugin_manager(arch_id)
+            info = pm.hook.arch_info()
+            if info is None:
+                raise PluginError(f"arch plugin '{arch_id}' does not implement arch_info. See docs/plugins.md.")
+            row["description"] = info.description
             missing = missing_hooks(pm)
             if missing:
                 row["status"] = "broken"
