@@ -60,9 +60,13 @@ class Arch:
     def kohya_prefixes(self):
         return self.info.kohya_prefixes
 
-    def check_layout(self, path, subfolders=None) -> None:
-        """Refuse a model folder that lacks one of the arch's subfolders, in one line."""
-        missing = missing_subfolders(path, self.info.subfolders if subfolders is None else subfolders)
+    def check_layout(self, path, subfolders=None, config=None) -> None:
+        """Refuse a model folder that lacks one of the arch's subfolders, in one line (``vae/``
+        is not needed when ``config`` brings a ``--vae``)."""
+        wanted = self.info.subfolders if subfolders is None else subfolders
+        if config is not None and getattr(config, "vae", None):
+            wanted = [s for s in wanted if s != "vae"]
+        missing = missing_subfolders(path, wanted)
         if missing:
             expected = self.info.pipeline_class or "model of this arch"
             raise LorakitError(
@@ -85,6 +89,12 @@ class DiffusersArch(Arch):
         import diffusers
 
         return getattr(diffusers, self.info.pipeline_class)
+
+    @hookimpl
+    def encode_images(self, components, pixel_values, batch):
+        """The latents of ``components["vae"]`` as the pipeline expects them (override for an
+        arch that encodes images otherwise)."""
+        return {"latents": vae_latents(components["vae"], pixel_values)}
 
     @hookimpl
     def save_lora(self, components, lora_layers, output_dir, weight_name):

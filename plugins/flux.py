@@ -67,7 +67,7 @@ class Flux(DiffusersArch):
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
-        self.check_layout(path, [s for s in self.info.subfolders if s != "vae" or not config.vae])
+        self.check_layout(path, config=config)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
         # Frozen weights straight in the run's precision: a 12B transformer and a 4.7B T5
@@ -106,12 +106,6 @@ class Flux(DiffusersArch):
             layers["text_encoder"] = ({k if k.startswith("text_model.") else "text_model." + k: v
                                        for k, v in state.items()}, meta)
         super().save_lora(components, layers, output_dir, weight_name)
-
-    @hookimpl
-    def encode_images(self, components, pixel_values, batch):
-        from lorakit.archbase import vae_latents
-
-        return {"latents": vae_latents(components["vae"], pixel_values)}  # (x - shift_factor) * scaling
 
     @hookimpl
     def encode_text(self, components, captions, encoder):

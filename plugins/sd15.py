@@ -60,7 +60,7 @@ class SD15(DiffusersArch):
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
-        self.check_layout(path, [s for s in self.info.subfolders if s != "vae" or not config.vae])
+        self.check_layout(path, config=config)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         # loaded straight in the run's precision: halves peak host memory under bf16/fp16
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
@@ -83,12 +83,6 @@ class SD15(DiffusersArch):
             "model_path": path,
             "default_resolution": int(unet.config.sample_size * vae_scale),
         }
-
-    @hookimpl
-    def encode_images(self, components, pixel_values, batch):
-        from lorakit.archbase import vae_latents
-
-        return {"latents": vae_latents(components["vae"], pixel_values)}
 
     @hookimpl
     def encode_prompt(self, components, captions):

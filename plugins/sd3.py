@@ -72,7 +72,7 @@ class SD3(DiffusersArch):
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
-        self.check_layout(path, [s for s in self.info.subfolders if s != "vae" or not config.vae])
+        self.check_layout(path, config=config)
         parts = {
             "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
             "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
@@ -100,12 +100,6 @@ class SD3(DiffusersArch):
             "t5_max_length": getattr(config, "t5_max_length", T5_MAX_LENGTH.default),
             "default_resolution": int(transformer.config.sample_size * vae_scale),
         }
-
-    @hookimpl
-    def encode_images(self, components, pixel_values, batch):
-        from lorakit.archbase import vae_latents
-
-        return {"latents": vae_latents(components["vae"], pixel_values)}  # (x - shift) * scale
 
     @hookimpl
     def encode_text(self, components, captions, encoder):

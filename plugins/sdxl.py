@@ -79,15 +79,14 @@ class SDXL(DiffusersArch):
         # detect_version); kohya writes this value for SDXL base (sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0).
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
 
-    def check_layout(self, path, subfolders=None):
-        wanted = [s for s in (subfolders or self.info.subfolders)]
-        missing = [s for s in wanted if not (Path(path) / s).is_dir()]
+    def check_layout(self, path, subfolders=None, config=None):
+        missing = [s for s in ("text_encoder", "tokenizer", "text_encoder_2") if not (Path(path) / s).is_dir()]
         if missing == ["text_encoder", "tokenizer"]:
             raise LorakitError(
                 f"--model {path} has only the second text encoder (the SDXL refiner?); "
                 "train on an SDXL base model such as stabilityai/stable-diffusion-xl-base-1.0."
             )
-        super().check_layout(path, wanted)
+        super().check_layout(path, subfolders, config)
 
     @hookimpl
     def load_components(self, model_path, config, device, weight_dtype):
@@ -99,7 +98,7 @@ class SDXL(DiffusersArch):
         from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
-        self.check_layout(path, [s for s in self.info.subfolders if s != "vae" or not config.vae])
+        self.check_layout(path, config=config)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
         # Loaded straight in the run's dtype: a 2.6B-parameter UNet never sits in fp32 in host memory.
@@ -126,12 +125,6 @@ class SDXL(DiffusersArch):
             "model_path": path,
             "default_resolution": int(unet.config.sample_size * vae_scale),
         }
-
-    @hookimpl
-    def encode_images(self, components, pixel_values, batch):
-        from lorakit.archbase import vae_latents
-
-        return {"latents": vae_latents(components["vae"], pixel_values)}
 
     @hookimpl
     def encode_prompt(self, components, captions):
