@@ -335,18 +335,9 @@ def _write_sample(output_dir: Path, path: Path, data: bytes) -> None:
 
 @_one_line_when_disk_full("the model card")
 def write_model_card(output_dir: Path, config, info, steps: int) -> None:
-    targets = ", ".join(config.target_modules) if config.target_modules else "arch defaults"
-    text = f"""{_CARD_START}
-- arch: `{config.arch}` ({info.description})
-- base model: `{config.model}`
-- rank {config.rank}, alpha {config.lora_alpha:g}, targets: {targets}
-- text-encoder LoRA: {"yes" if config.train_text_encoder else "no"}
-- steps: {steps}, batch size {config.batch_size} x accumulation {config.gradient_accumulation}, lr {config.learning_rate:g}
+    from lorakit.card import model_card
 
-Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Load it with
-`lorakit generate --arch {config.arch} --model {config.model} --lora {WEIGHT_NAME} --prompt "..."`
-or, where the pipeline supports it, `pipeline.load_lora_weights(folder, weight_name="{WEIGHT_NAME}")`.
-"""
+    text = model_card(config, info, steps)
     name = "README.md"
     card = output_dir / name
     if (card.exists() or card.is_symlink()) and name not in _ours(output_dir):  # the user's README stays
