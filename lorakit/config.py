@@ -248,12 +248,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         config._values[name] = value
     pm = get_plugin_manager(config.arch, config.modes)
     info = pm.hook.arch_info()
-    _check_core(config, info, pm)
+    _check_core(config, info, pm, options)
     pm.hook.check_config(config=config, info=info)
     return config
 
 
-def _check_core(config: TrainConfig, info, pm) -> None:
+def _check_core(config: TrainConfig, info, pm, options: dict) -> None:
     def bad(msg):
         raise LorakitError(msg)
 
@@ -264,7 +264,6 @@ def _check_core(config: TrainConfig, info, pm) -> None:
     replaced = [i for i in pm.hook.build_dataset.get_hookimpls() if not i.plugin_name.startswith("lorakit.")]
     if not config.data and not replaced:
         bad("no --data given; pass an image folder or a dataset.")
-    options = run_options(config.arch, config.modes)
     refused = info.refuses if isinstance(info.refuses, dict) else dict.fromkeys(info.refuses)
     for name, message in refused.items():
         option = options.get(name)

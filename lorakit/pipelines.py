@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.archbase import scheduler_from_folder  # noqa: F401  (moved there; kept importable)
 from lorakit.checkpoints import WEIGHT_NAME
 from lorakit.errors import LorakitError
 
@@ -41,7 +42,6 @@ def lora_file(path) -> tuple[str, str]:
     return str(file.parent), file.name
 
 
-from lorakit.archbase import scheduler_from_folder  # noqa: E402,F401  (moved; kept importable)
 
 
 def tokenize(tokenizer, captions):

@@ -291,9 +291,7 @@ def _resolve_model(config, info, pm):
     from lorakit.models import check_model_matches, resolve_model
     from lorakit.plugins import arch_entries, get_plugin_manager
 
-    if config.train_text_encoder:
-        if not info.text_encoders:
-            raise LorakitError(f"--arch {config.arch} does not support --train-text-encoder; drop it.")
+    if config.train_text_encoder:  # validate() refused it for an arch without text encoders
         lora.check_text_encoder_lora_support()
     model_path = resolve_model(config.model)
     others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
