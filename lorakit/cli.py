@@ -196,10 +196,22 @@ def train(**values):
         from lorakit.progress import make_progress
         from lorakit.training import train as run_training
 
-        return run_training(config, progress=make_progress())
+        try:
+            return run_training(config, progress=make_progress())
+        finally:
+            _end_process_group()
 
     result = _run(go)
     typer.echo(f"saved {result.weights} ({result.global_step} steps)")
+
+
+def _end_process_group() -> None:
+    """Under ``accelerate launch`` each process leaves the process group before it exits: a
+    process that exits holding it can be aborted by the backend's threads ("terminate called
+    without an active exception", SIGABRT) and the launcher then fails the whole run."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _mode_param(mode: str) -> str:

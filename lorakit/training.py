@@ -256,6 +256,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             outputs.write_final_lora(self._write_lora, self.output_dir, self.state.estimated_size() // 4)
             outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step)
+        # every process returns once the files exist (and none exits while the main one writes)
+        self.accelerator.wait_for_everyone()
         return self.output_dir / WEIGHT_NAME
 
     def save_samples(self):
