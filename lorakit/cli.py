@@ -109,10 +109,7 @@ FOREIGN_FLAGS = {
     "--text_encoder_lr": "--text-encoder-lr",
 }
 #: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
-NOT_YET = {
-    flag: "lorakit has no Hub upload yet; drop the flag and upload OUTPUT with `hf upload USER/NAME OUTPUT`"
-    for flag in ("--push-to-hub", "--push_to_hub", "--hub-model-id", "--hub_model_id")
-}
+NOT_YET: dict = {}  # (the Hub flags exist now: --push-to-hub, --hub-model-id)
 
 
 class _HintingCommand(TyperCommand):
@@ -170,11 +167,18 @@ def tiny(
     arch: str = typer.Argument(..., help="Arch id, see `lorakit list-archs`."),
     directory: Path = typer.Argument(..., help="Folder to write the model to (new or empty)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
+    single_file: bool = typer.Option(False, "--single-file", help="Also write it as one original-layout "
+                                     "checkpoint, DIRECTORY/model.safetensors (the folder is its --model-config)."),
 ):
     """Write a tiny randomly initialised model (diffusers layout) for demos, tests and bug reports."""
     _quiet_libraries()
-    from lorakit.tiny import make_tiny_model
+    from lorakit.tiny import make_tiny_model, make_tiny_single_file
 
+    if single_file:
+        file = _run(lambda: make_tiny_single_file(arch, directory, seed))
+        typer.echo(f"wrote a tiny {arch} model to {file.parent} and as one file to {file} "
+                   f"(train it with --model {file} --model-config {file.parent})")
+        return
     path = _run(lambda: make_tiny_model(arch, directory, seed))
     typer.echo(f"wrote a tiny {arch} model to {path}")
 

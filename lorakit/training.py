@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, outputs, tracking
+from lorakit import checkpoints, hub, outputs, tracking
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -45,6 +45,8 @@ class TrainResult:
 class Trainer:
     """Set up a run from a :class:`TrainConfig` (``setup``: models, data, LoRA, optimizer,
     caches, checkpoint), then :meth:`run` it to ``max_steps``."""
+
+    hub = None  # the run's Hub uploader (--push-to-hub), made in setup
 
     def __init__(self, config: TrainConfig, progress=None):
         self.config = validate(config)
@@ -77,6 +79,7 @@ class Trainer:
         # first: the precision accelerate's launcher chose is part of the settings a resume checks
         self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
         resume_from = outputs.check_output_dir(self.output_dir, config)
+        self.hub = hub.prepare(config, self.output_dir, self.accelerator.is_main_process)  # before the model loads
         self.model_path = _resolve_model(config, self.info, self.pm)
         self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
@@ -231,6 +234,8 @@ class Trainer:
             progress.finish()
         check_processes_agree(self.accelerator, self.params)
         weights = self.save_final()
+        if self.hub is not None:
+            self.hub.finish(tracking.logging_dir(config))
         if guard.received is not None:
             log.warning("%s arrived while writing the final files; the run is complete",
                         signal.Signals(guard.received).name)
@@ -249,6 +254,8 @@ class Trainer:
         path = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
                                        self.config.checkpoints_limit, process_rng)
         self._say(f"saved {path}")
+        if self.hub is not None and self.config.push_checkpoints:
+            self.hub.checkpoint_saved(path)
         return path
 
     def save_final(self) -> Path:

@@ -304,6 +304,18 @@ ROWS = [
     Row("epochs-zero", "train --epochs 0", lambda c: c.train("--epochs", "0"), 'error: --epochs must be a positive integer, got 0.'),
     Row("report-to-unknown", "train --report-to mlflow", lambda c: c.train("--report-to", "mlflow"),
         'error: --report-to must be one of tensorboard, wandb, all, none, got \'mlflow\'.'),
+    # ----------------------------------------------------------------- the guide's workflow: Hub, validation, optimisers
+    Row("hub-offline", "train --push-to-hub (HF_HUB_OFFLINE=1)", lambda c: c.train("--push-to-hub"),
+        'error: --push-to-hub cannot reach the Hub: HF_HUB_OFFLINE is set; unset it, or drop --push-to-hub and upload later with `hf upload`.'),
+    Row("hub-id-without-push", "train --hub-model-id me/x", lambda c: c.train("--hub-model-id", "me/x"),
+        'error: --hub-model-id needs --push-to-hub; add --push-to-hub or drop --hub-model-id.'),
+    Row("hub-id-bad", "train --push-to-hub --hub-model-id a/b/c", lambda c: c.train("--push-to-hub", "--hub-model-id", "a/b/c"),
+        "error: --hub-model-id 'a/b/c' is not a repo id; use USER/NAME (or NAME for your own account)."),
+    Row("hub-checkpoints-none", "train --push-to-hub --push-checkpoints (no --checkpoint-every)",
+        lambda c: c.train("--push-to-hub", "--push-checkpoints"),
+        'error: --push-checkpoints uploads checkpoints, but no --checkpoint-every is set; add --checkpoint-every N or drop --push-checkpoints.'),
+    Row("hub-script-spelling", "train --push_to_hub", lambda c: c.train("--push_to_hub"),
+        "error: --push_to_hub is not a lorakit flag (that is another tool's spelling); use --push-to-hub.", code=2),
 ]
 
 
