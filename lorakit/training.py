@@ -297,12 +297,12 @@ def _targets(pm, info, config, components) -> dict:
 def _resolve_model(config, info, pm):
     """The model folder of ``--model``, checked to be of ``--arch`` (and able to train what is asked)."""
     from lorakit import lora
-    from lorakit.models import check_model_matches, resolve_model
+    from lorakit.models import check_model_matches, resolve_run_model
     from lorakit.plugins import arch_entries, get_plugin_manager
 
     if config.train_text_encoder:  # validate() refused it for an arch without text encoders
         lora.check_text_encoder_lora_support()
-    model_path = resolve_model(config.model)
+    model_path = resolve_run_model(config)  # a single file: its converted diffusers folder
     others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
     check_model_matches(model_path, config.arch, pm, others)
     return model_path
