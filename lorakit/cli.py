@@ -323,7 +323,7 @@ app.command("train", cls=_HintingCommand)(_train_command)
 @app.command(cls=_HintingCommand)
 def generate(
     arch: str = typer.Option(..., "--arch", help="Architecture id."),
-    model: str = typer.Option(..., "--model", help="Base model: hub id or local folder."),
+    model: str = typer.Option(..., "--model", help="Base model: hub id, local folder or single .safetensors file."),
     prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeat for several images)."),
     lora: List[str] = typer.Option([], "--lora", help="LoRA file or output folder, optionally PATH:SCALE; repeatable."),
     output: Path = typer.Option(Path("lorakit-image.png"), "--output", help="Image path (index added for several)."),
@@ -332,6 +332,10 @@ def generate(
     seed: int = typer.Option(0, help="Seed."),
     guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale [pipeline default]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing image files."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help="With a single-file --model: diffusers "
+                                               "folder or hub id supplying its configs (needed offline)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of a hub --model."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Weight variant of --model (e.g. fp16)."),
 ):
     """Generate images with a base model and one or several LoRAs."""
     _quiet_libraries()
@@ -351,7 +355,8 @@ def generate(
         blocked = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise LorakitError(f"--output {output}: {blocked} is a file, so the image cannot go there; pick another path.")
-        images = run_generate(arch, model, prompt, specs, steps=steps, resolution=resolution, seed=seed, guidance_scale=guidance_scale)
+        images = run_generate(arch, model, prompt, specs, steps=steps, resolution=resolution, seed=seed, guidance_scale=guidance_scale,
+                              model_config=model_config, revision=revision, variant=variant)
         for image, target in zip(images, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target)

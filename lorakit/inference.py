@@ -46,7 +46,8 @@ def check_request(arch: str, steps: int, resolution, guidance_scale) -> None:
 
 
 
-def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, float]], device=None, dtype=None):
+def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, float]], device=None, dtype=None,
+                             model_config=None, revision=None, variant=None):
     import torch
 
     from lorakit.models import resolve_model
@@ -59,7 +60,8 @@ def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, floa
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:  # the arch's native half precision on a GPU; fp32 on CPU
         dtype = getattr(torch, pm.hook.arch_info().inference_dtype) if device == "cuda" else torch.float32
-    pipeline = pm.hook.load_pipeline(model_path=resolve_model(model), device=device, dtype=dtype)
+    path = resolve_model(model, arch=arch, model_config=model_config, revision=revision, variant=variant)
+    pipeline = pm.hook.load_pipeline(model_path=path, device=device, dtype=dtype)
     names = []
     for i, (path, _) in enumerate(loras):
         name = f"lora{i}"
@@ -88,12 +90,17 @@ def generate(
     seed: int = 0,
     guidance_scale: float | None = None,
     device=None,
+    model_config: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ):
-    """Images for ``prompts`` from the base ``model`` with ``loras`` (path, scale) applied."""
+    """Images for ``prompts`` from the base ``model`` with ``loras`` (path, scale) applied
+    (``model_config``, ``revision``, ``variant``: as :func:`lorakit.models.resolve_model` takes them)."""
     import torch
 
     check_request(arch, steps, resolution, guidance_scale)
-    pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device)
+    pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device, model_config=model_config,
+                                            revision=revision, variant=variant)
     generator = torch.Generator().manual_seed(seed)
     return pm.hook.generate_images(
         pipeline=pipeline,

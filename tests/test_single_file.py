@@ -196,3 +196,17 @@ def test_file_keys_decide_the_arch(tmp_path):
     check_arch(sd2, checked_keys(sd2), "sd15")
     with pytest.raises(LorakitError, match="is a single-file sd15 checkpoint, which --arch flux cannot train"):
         check_arch(sd2, checked_keys(sd2), "flux")
+
+
+def test_generate_from_the_single_file_equals_the_folder(single_files):
+    import numpy as np
+
+    from lorakit.inference import generate
+
+    file = single_files["sd15"]
+    kwargs = dict(steps=2, resolution=32, seed=3, device="cpu")
+    from_folder = generate("sd15", str(file.parent), ["a red circle"], **kwargs)
+    from_file = generate("sd15", str(file), ["a red circle"], model_config=str(file.parent), **kwargs)
+    assert np.array_equal(np.asarray(from_folder[0]), np.asarray(from_file[0]))
+    with pytest.raises(LorakitError, match="HF_HUB_OFFLINE is set.*pass --model-config"):
+        generate("sd15", str(file), ["a red circle"], **kwargs)
