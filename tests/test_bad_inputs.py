@@ -190,9 +190,9 @@ ROWS = [
     Row("model-missing", "train --model (no such folder)", lambda c: c.train(model=c.tmp / "nope"), 'error: --model {tmp}/nope does not exist; pass a local diffusers model folder or a hub id.'),
     Row("model-empty", "train --model ''", lambda c: c.train(model=""), 'error: no --model given; pass a hub id or a local diffusers model folder.'),
     Row("model-ckpt", "train --model model.ckpt (a single-file pickle)",
-        lambda c: c.train(model=c.file("model.ckpt", b"PK\x03\x04 pickle")), 'error: --model {tmp}/model.ckpt is a file; pass a diffusers model folder or a hub id.'),
+        lambda c: c.train(model=c.file("model.ckpt", b"PK\x03\x04 pickle")), 'error: --model {tmp}/model.ckpt is a pickle checkpoint (.ckpt), which lorakit never loads (unpickling can run code); convert it to .safetensors (e.g. a safetensors export of the same model) and pass that.'),
     Row("model-not-safetensors", "train --model model.safetensors (not safetensors inside)",
-        lambda c: c.train(model=c.file("model.safetensors", "hello")), 'error: --model {tmp}/model.safetensors is a file; pass a diffusers model folder or a hub id.'),
+        lambda c: c.train(model=c.file("model.safetensors", "hello")), 'error: --model {tmp}/model.safetensors is not a safetensors file; pass a .safetensors checkpoint, a diffusers folder or a hub id.'),
     Row("model-folder-of-ckpt", "train --model folder holding only model.ckpt",
         lambda c: (c.file("weights/model.ckpt", b"x"), c.train(model=c.tmp / "weights"))[1], 'error: --model {tmp}/weights is not a diffusers model that --arch sd15 can train (no model_index.json; expected StableDiffusionPipeline); pass a diffusers-format folder or hub id.'),
     Row("model-wrong-arch", "train --arch sd15 --model (an SDXL model)", lambda c: c.train(model=_sdxl_folder(c)), 'error: --model {tmp}/sdxl is a StableDiffusionXLPipeline model, which --arch sd15 cannot train; use --arch sdxl.'),
@@ -316,7 +316,53 @@ ROWS = [
         'error: --push-checkpoints uploads checkpoints, but no --checkpoint-every is set; add --checkpoint-every N or drop --push-checkpoints.'),
     Row("hub-script-spelling", "train --push_to_hub", lambda c: c.train("--push_to_hub"),
         "error: --push_to_hub is not a lorakit flag (that is another tool's spelling); use --push-to-hub.", code=2),
+    # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
+    Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
+        lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),
+    Row("single-file-wrong-arch", "train --arch sd15 --model sdxl.safetensors (an SDXL checkpoint)",
+        lambda c: c.train(model=_single_file(c, "sdxl.safetensors", _SDXL_KEYS)), 'error: --model {tmp}/sdxl.safetensors is a single-file sdxl checkpoint, which --arch sd15 cannot train; use --arch sdxl.'),
+    Row("single-file-arch-without", "train --arch flux --model x.safetensors (flux takes no single files)",
+        lambda c: _with_arch(c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), "flux"), 'error: --arch flux does not load single-file checkpoints (archs that do: sd15, sdxl); pass a diffusers model folder or hub id.'),
+    Row("single-file-offline-no-config", "train --model sd15.safetensors (HF_HUB_OFFLINE=1, no --model-config)",
+        lambda c: c.train(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
+    Row("model-config-not-a-model", "train --model sd15.safetensors --model-config (an empty folder)",
+        lambda c: c.train("--model-config", c.folder("cfg"), model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model-config {tmp}/cfg holds no model_index.json; pass the diffusers folder or hub id of the model sd15.safetensors was made from.'),
+    Row("single-file-incomplete", "train --model sd15.safetensors (SD1.5 keys but not its weights) --model-config DIR",
+        lambda c: c.train("--model-config", c.model, model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), "error: --model {tmp}/sd15.safetensors could not be read with --model-config {shared}/sd15 (Failed to load CLIPTextModel. Weights for this component appear to be missing in the checkpoint.); pass the --model-config of the model this checkpoint was made from."),
+    Row("model-config-with-folder", "train --model (a folder) --model-config X", lambda c: c.train("--model-config", c.model),
+        'error: --model-config applies to single-file checkpoints; --model {shared}/sd15 is a folder.'),
+    Row("revision-local", "train --revision main (a local --model)", lambda c: c.train("--revision", "main"),
+        'error: --revision applies to hub ids; --model {shared}/sd15 is a local path.'),
+    Row("variant-missing", "train --variant fp16 (the folder has no fp16 files)", lambda c: c.train("--variant", "fp16"),
+        'error: --variant fp16: {shared}/sd15 holds no *.fp16.safetensors weights; drop --variant or pass the variant the model has (e.g. fp16).'),
+    Row("vae-ckpt", "train --vae vae.ckpt (a pickle)", lambda c: c.train("--vae", c.file("vae.ckpt", b"x")),
+        'error: --vae {tmp}/vae.ckpt is a pickle checkpoint (.ckpt), which lorakit never loads (unpickling can run code); convert it to .safetensors (e.g. a safetensors export of the same model) and pass that.'),
+    Row("generate-single-file-no-config", "generate --model sd15.safetensors (HF_HUB_OFFLINE=1, no --model-config)",
+        lambda c: c.generate(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
+    Row("tiny-single-file-unsupported", "tiny flux DIR --single-file", lambda c: ["tiny", "flux", c.tmp / "m", "--single-file"],
+        'error: --arch flux has no single-file layout; `lorakit tiny flux` without --single-file writes its diffusers folder.'),
 ]
+
+
+# single-file models: checkpoints with the keys that decide the arch (tiny tensors; refused before loading)
+_SD15_KEYS = ["model.diffusion_model.out.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]
+_SDXL_KEYS = ["model.diffusion_model.out.0.weight", "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+              "conditioner.embedders.1.model.positional_embedding"]
+
+
+def _single_file(ctx: Ctx, name: str, keys) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = ctx.tmp / name
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def _with_arch(argv: list, arch: str) -> list:
+    argv = list(argv)
+    argv[argv.index("--arch") + 1] = arch
+    return argv
 
 
 def _damaged_model(ctx: Ctx) -> Path:
