@@ -25,6 +25,8 @@ class Sample:
     row). ``rng_key`` names it within its dataset (the path relative to the dataset folder, or
     the row index), so per-sample random draws do not depend on where the data lives; ``None``
     (e.g. samples built by a mode) falls back to ``key``: see :attr:`random_key`.
+    ``digest`` (``() -> str``) hashes the image's content (its file's bytes) for the
+    persistent encoding cache; ``None``: the decoded pixels are hashed instead.
     """
 
     key: str
@@ -32,6 +34,7 @@ class Sample:
     open: Callable  # () -> PIL.Image, upright 8-bit RGB (see lorakit.images.decode_image)
     extras: dict = field(default_factory=dict)
     rng_key: str | None = None
+    digest: Callable | None = None
 
     @property
     def random_key(self) -> str:
@@ -82,6 +85,17 @@ def file_opener(path: Path):
         return decode_image(path)
 
     return open_image
+
+
+def file_digest(path: Path):
+    """A content hash of the image file (sha256 of its bytes), computed when called."""
+
+    def digest():
+        from lorakit.cachekeys import file_sha256
+
+        return file_sha256(path)
+
+    return digest
 
 
 def check_readable(samples: list[Sample]) -> list[Sample]:
