@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.outputs import WEIGHT_NAME
+from lorakit.saveformat import final_files
 
 
 def model_card(config, info, steps: int) -> str:
@@ -37,8 +38,13 @@ def model_card(config, info, steps: int) -> str:
     ]
     if loading:
         lines += ["", "In diffusers:", "", "```python", loading.rstrip("\n"), "```"]
-    lines += ["", "For A1111, ComfyUI or kohya's scripts: `lorakit convert --to kohya` writes a kohya-style file",
-              "(where the arch has a kohya convention; see docs/usage.md)."]
+    kohya = [f for f in final_files(config, Path(config.output)) if f != WEIGHT_NAME]  # --save-format
+    if kohya:
+        lines += ["", f"For A1111, Forge, ComfyUI or kohya's scripts: `{kohya[0]}` (kohya's format, with the `ss_*` header",
+                  f"those tools read); copy it into their Lora folder and prompt with `<lora:{Path(kohya[0]).stem}:0.8>`."]
+    else:
+        lines += ["", "For A1111, ComfyUI or kohya's scripts: `lorakit convert --to kohya` writes a kohya-style file",
+                  "(where the arch has a kohya convention; see docs/usage.md)."]
     return "\n".join(lines) + "\n"
 
 

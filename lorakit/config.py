@@ -69,6 +69,8 @@ CORE_OPTIONS = (
            panel=_LORA, default_text="= --learning-rate"),
     Option("init_lora_weights", str, "gaussian", "Initialisation of the LoRA matrices.", choices=("gaussian", "default"),
            panel=_LORA, resume=True),
+    Option("init_lora", str, None, "Start from an existing LoRA file (lorakit/diffusers, kohya/A1111, diffusers-example "
+           "or PEFT): its rank, alpha and targets are used, its weights are step 0.", panel=_LORA, resume=True),
     Option("learning_rate", float, 1e-4, "Learning rate.", minimum=0, exclusive_minimum=True, panel=_OPT,
            flags=("--learning-rate", "--lr"), aliases=("lr",)),
     Option("adam_beta1", float, 0.9, "AdamW beta1.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
@@ -92,8 +94,18 @@ CORE_OPTIONS = (
            default_text="all"),
     Option("resume", str, None, "'latest' or a checkpoint folder to continue from.", panel=_CKPT),
     Option("overwrite", bool, False, "Replace an earlier run in --output.", panel=_CKPT),
-    Option("validation_prompt", str, None, "Prompt for sample images during training.", panel=_VAL),
+    Option("save_format", str, None, "Final LoRA file(s): diffusers (pytorch_lora_weights.safetensors), kohya "
+           "(OUTPUT/<folder name>.safetensors for A1111, ComfyUI, kohya) or both.", choices=("diffusers", "kohya", "both"),
+           panel=_CKPT, default_text="both where the arch has a kohya layout, else diffusers"),
+    Option("validation_prompt", list, None, "Prompt for sample images before, during and after training "
+           "(repeat the flag for several; a list in a config file).", panel=_VAL, multiple=True),
+    Option("num_validation_images", int, 1, "Sample images per prompt (seeds --seed, --seed+1, ...).", minimum=1,
+           panel=_VAL),
     Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_VAL),
+    Option("validation_epochs", int, None, "Write sample images every N epochs.", minimum=1, panel=_VAL),
+    Option("validation_steps", int, 25, "Inference steps per sample image.", minimum=1, panel=_VAL),
+    Option("validation_guidance", float, None, "Guidance scale of the sample images.", minimum=0, panel=_VAL,
+           default_text="the arch's"),
     Option("report_to", str, None, "Experiment tracker for losses, learning rates, gradient norms and samples.",
            choices=REPORT_TO, panel=_TRACK, default_text="tensorboard if installed, else none"),
     Option("logging_dir", str, None, "Folder the trackers write to.", panel=_TRACK, default_text="OUTPUT/logs"),
@@ -110,7 +122,8 @@ CORE_OPTIONS = (
 )
 CORE = by_name(CORE_OPTIONS)
 #: Not options but part of every config: the active modes (the CLI's --<mode> flags).
-RUN_KEYS = ("modes", "model_sha256")  # model_sha256: a single-file --model's, set when it loads
+RUN_KEYS = ("modes", "model_sha256", "init_lora_sha256")  # model_sha256: a single-file --model's, set when it loads
+# init_lora_sha256: the --init-lora file's, set when it is read
 
 
 class TrainConfig:
@@ -181,7 +194,7 @@ def resume_keys(config) -> list[str]:
     except LorakitError:
         options = CORE
     return sorted([name for name, o in options.items() if o.resume] + ["modes"]
-                  + [k for k in ("model_sha256",) if k in config._values])  # the same single file on resume
+                  + [k for k in ("model_sha256", "init_lora_sha256") if k in config._values])  # the same single file on resume
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -271,9 +284,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     pm = get_plugin_manager(config.arch, config.modes)
     info = pm.hook.arch_info()
     _check_core(config, info, pm, options)
-    from lorakit import hub
+    from lorakit import hub, validation
 
     hub.check_options(config)
+    validation.check_options(config)
+    from lorakit.saveformat import check_save_format
+
+    check_save_format(config, info)
     pm.hook.check_config(config=config, info=info)
     return config
 

@@ -95,7 +95,7 @@ def checkpoint_layout(module, state: dict) -> dict:
     return state
 
 
-def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict:
+def inject_lora(components: dict, targets: dict[str, list[str]], config, lora_configs: dict | None = None) -> dict:
     """Add a LoRA adapter to each targeted component; return ``{name: LoraConfig}``.
 
     Every target name must match at least one layer of its component (as PEFT matches: the
@@ -113,7 +113,8 @@ def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict
         if not isinstance(module, torch.nn.Module):
             raise LorakitError(f"LoRA target component '{name}' is not a model of this arch; check --target-modules.")
         check_targets_match(module, name, module_targets, config)
-        lora_config = make_lora_config(config, module_targets)
+        # lora_configs: given per component by --init-lora (the file's rank/alpha patterns)
+        lora_config = (lora_configs or {}).get(name) or make_lora_config(config, module_targets)
         try:
             inject_adapter_in_model(lora_config, module, adapter_name=ADAPTER)
         except ValueError as exc:

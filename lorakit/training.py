@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, outputs, tracking
+from lorakit import checkpoints, hub, outputs, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -79,6 +79,7 @@ class Trainer:
         # first: the precision accelerate's launcher chose is part of the settings a resume checks
         self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
         resume_from = outputs.check_output_dir(self.output_dir, config)
+        saveformat.check_names_free(self.output_dir, config)
         self.hub = hub.prepare(config, self.output_dir, self.accelerator.is_main_process)  # before the model loads
         self.model_path = _resolve_model(config, self.info, self.pm)
         self.components = self._load_components()
@@ -141,9 +142,14 @@ class Trainer:
         from lorakit import lora
 
         config, components = self.config, self.components
-        targets = _targets(self.pm, self.info, config, components)
-        torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
-        self.lora_configs = lora.inject_lora(components, targets, config)
+        if config.init_lora:  # the file's layers, ranks and weights (lorakit.initlora)
+            from lorakit import initlora
+
+            self.lora_configs = initlora.inject(self)
+        else:
+            targets = _targets(self.pm, self.info, config, components)
+            torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
+            self.lora_configs = lora.inject_lora(components, targets, config)
         self.trained_text_encoders = [n for n in self.lora_configs if n in self.info.text_encoders]
         if config.gradient_checkpointing:
             for name in self.lora_configs:
@@ -206,6 +212,8 @@ class Trainer:
         examples = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         tracker = self.tracker = tracking.RunTracker(accelerator, config, self.output_dir, self.optimizer, examples)
         tracker.start()
+        if main and validation.first_check_due(config, self.output_dir, self.global_step):
+            self.save_samples()  # the base model's images, to compare the run's with
         started = time.perf_counter()
         try:
             while self.global_step < config.max_steps:
@@ -220,10 +228,8 @@ class Trainer:
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
                     with guard.deferred():
                         self.save_checkpoint()
-                every = config.validation_every
-                if config.validation_prompt and every and self.global_step % every == 0 and main:
+                if main and validation.due(config, self.batches, self.global_step):
                     self.save_samples()
-                    tracker.log_samples(self.global_step, self.output_dir / "samples")
         except KeyboardInterrupt as stop:
             guard.stopping()
             checkpoints.save_on_stop(self, stop)
@@ -262,20 +268,23 @@ class Trainer:
     def save_final(self) -> Path:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            outputs.write_final_lora(self._write_lora, self.output_dir, self.state.estimated_size() // 4)
+            outputs.write_final_lora(lambda folder: saveformat.write_final(self, folder), self.output_dir,
+                                     self.state.estimated_size() // 4)
             outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step)
         # every process returns once the files exist (and none exits while the main one writes)
         self.accelerator.wait_for_everyone()
-        return self.output_dir / WEIGHT_NAME
+        return self.output_dir / saveformat.final_files(self.config, self.output_dir)[0]
 
     def save_samples(self):
         for name in self.lora_configs:
             self.components[name].eval()
         with self.cache.encoders_on_device():
-            outputs.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
-                                  self.resolution, self.output_dir / "samples", self.global_step)
+            validation.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
+                                     self.resolution, self.output_dir, self.global_step)
         for name in self.lora_configs:
             self.components[name].train()
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.log_samples(self.global_step, self.output_dir / validation.FOLDER)
 
     def _say(self, text):
         if self.accelerator.is_main_process:
