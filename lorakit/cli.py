@@ -190,6 +190,7 @@ def train(**values):
     from lorakit.config import build_config
 
     config_file = values.pop("config_file", None)
+    values = {k: (None if isinstance(v, (list, tuple)) and not v else v) for k, v in values.items()}  # a repeatable flag not given
     modes = [m for m in _mode_flags() if values.pop(_mode_param(m), None)]
     values["modes"] = modes or None
     if values.get("output") is not None:
@@ -265,9 +266,9 @@ def _train_parameters() -> list:
         choices = f" One of: {', '.join(map(str, option.choices))}." if option.choices else ""
         help_text = (option.help + choices).replace("[", "\\[") + f" \\[default: {shown}]"
         param = typer.Option(None, *option.cli_flags(), help=help_text, rich_help_panel=panel, show_default=False)
+        kind = List[str] if option.multiple else python_type[option.type]  # multiple: --x A --x B
         params.append(
-            inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param,
-                              annotation=Opt[python_type[option.type]])
+            inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=Opt[kind])
         )
 
     for option in CORE_OPTIONS:

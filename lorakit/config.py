@@ -97,8 +97,15 @@ CORE_OPTIONS = (
     Option("save_format", str, None, "Final LoRA file(s): diffusers (pytorch_lora_weights.safetensors), kohya "
            "(OUTPUT/<folder name>.safetensors for A1111, ComfyUI, kohya) or both.", choices=("diffusers", "kohya", "both"),
            panel=_CKPT, default_text="both where the arch has a kohya layout, else diffusers"),
-    Option("validation_prompt", str, None, "Prompt for sample images during training.", panel=_VAL),
+    Option("validation_prompt", list, None, "Prompt for sample images before, during and after training "
+           "(repeat the flag for several; a list in a config file).", panel=_VAL, multiple=True),
+    Option("num_validation_images", int, 1, "Sample images per prompt (seeds --seed, --seed+1, ...).", minimum=1,
+           panel=_VAL),
     Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_VAL),
+    Option("validation_epochs", int, None, "Write sample images every N epochs.", minimum=1, panel=_VAL),
+    Option("validation_steps", int, 25, "Inference steps per sample image.", minimum=1, panel=_VAL),
+    Option("validation_guidance", float, None, "Guidance scale of the sample images.", minimum=0, panel=_VAL,
+           default_text="the arch's"),
     Option("report_to", str, None, "Experiment tracker for losses, learning rates, gradient norms and samples.",
            choices=REPORT_TO, panel=_TRACK, default_text="tensorboard if installed, else none"),
     Option("logging_dir", str, None, "Folder the trackers write to.", panel=_TRACK, default_text="OUTPUT/logs"),
@@ -277,9 +284,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     pm = get_plugin_manager(config.arch, config.modes)
     info = pm.hook.arch_info()
     _check_core(config, info, pm, options)
-    from lorakit import hub
+    from lorakit import hub, validation
 
     hub.check_options(config)
+    validation.check_options(config)
     from lorakit.saveformat import check_save_format
 
     check_save_format(config, info)

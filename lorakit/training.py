@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, outputs, saveformat, tracking
+from lorakit import checkpoints, hub, outputs, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -212,6 +212,8 @@ class Trainer:
         examples = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         tracker = self.tracker = tracking.RunTracker(accelerator, config, self.output_dir, self.optimizer, examples)
         tracker.start()
+        if main and validation.first_check_due(config, self.output_dir, self.global_step):
+            self.save_samples()  # the base model's images, to compare the run's with
         started = time.perf_counter()
         try:
             while self.global_step < config.max_steps:
@@ -226,10 +228,8 @@ class Trainer:
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
                     with guard.deferred():
                         self.save_checkpoint()
-                every = config.validation_every
-                if config.validation_prompt and every and self.global_step % every == 0 and main:
+                if main and validation.due(config, self.batches, self.global_step):
                     self.save_samples()
-                    tracker.log_samples(self.global_step, self.output_dir / "samples")
         except KeyboardInterrupt as stop:
             guard.stopping()
             checkpoints.save_on_stop(self, stop)
@@ -279,10 +279,12 @@ class Trainer:
         for name in self.lora_configs:
             self.components[name].eval()
         with self.cache.encoders_on_device():
-            outputs.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
-                                  self.resolution, self.output_dir / "samples", self.global_step)
+            validation.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
+                                     self.resolution, self.output_dir, self.global_step)
         for name in self.lora_configs:
             self.components[name].train()
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.log_samples(self.global_step, self.output_dir / validation.FOLDER)
 
     def _say(self, text):
         if self.accelerator.is_main_process:

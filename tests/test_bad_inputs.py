@@ -316,6 +316,10 @@ ROWS = [
         'error: --push-checkpoints uploads checkpoints, but no --checkpoint-every is set; add --checkpoint-every N or drop --push-checkpoints.'),
     Row("hub-script-spelling", "train --push_to_hub", lambda c: c.train("--push_to_hub"),
         "error: --push_to_hub is not a lorakit flag (that is another tool's spelling); use --push-to-hub.", code=2),
+    Row("validation-every-no-prompt", "train --validation-every 2 (no --validation-prompt)", lambda c: c.train("--validation-every", "2"),
+        'error: --validation-every writes sample images of --validation-prompt, but none is given; add --validation-prompt "..." or drop --validation-every.'),
+    Row("validation-images-zero", "train --num-validation-images 0", lambda c: c.train("--num-validation-images", "0"),
+        'error: --num-validation-images must be a positive integer, got 0.'),
     # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
     Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
         lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),
