@@ -387,6 +387,14 @@ def convert(
     typer.echo(f"wrote {_run(go)}")
 
 
+
+from lorakit.cli_combine import fuse as _fuse_command  # noqa: E402
+from lorakit.cli_combine import merge as _merge_command  # noqa: E402
+
+app.command("merge", cls=_HintingCommand)(_merge_command)
+app.command("fuse", cls=_HintingCommand)(_fuse_command)
+
+
 def main():
     # Building `train`'s flags loads every plugin's declarations: skip that for other commands.
     _train_command.light = sys.argv[1:2] != ["train"]
