@@ -76,13 +76,26 @@ def _with_variant(path: Path, variant: str | None, flag: str) -> Path:
     return variant_folder(path, variant, flag)
 
 
-def _snapshot(repo_id: str, flag: str = "--model", revision: str | None = None, variant: str | None = None) -> Path:
+def resolve_config_source(model_config: str, flag: str = "--model-config") -> Path:
+    """A local folder with the configs and tokenizers of ``model_config`` (a folder, or a hub id
+    of which only those files are fetched: a single file brings its own weights)."""
+    if Path(model_config).expanduser().exists():
+        return resolve_model(model_config, flag=flag)
+    if model_config.startswith((".", "/", "~")) or model_config.count("/") != 1:
+        raise LorakitError(f"{flag} {model_config} does not exist; pass a local diffusers model folder or a hub id.")
+    return _snapshot(model_config, flag, configs_only=True)
+
+
+def _snapshot(repo_id: str, flag: str = "--model", revision: str | None = None, variant: str | None = None,
+              configs_only: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover
         raise LorakitError("loading a hub id needs huggingface_hub; pip install huggingface_hub.") from None
     patterns = ["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*/*", "*/*.json", "*/*.safetensors"]
-    if variant:  # only that variant's weights (repos often hold fp32 and fp16 side by side)
+    if configs_only:
+        patterns = [p for p in patterns if not p.endswith(".safetensors")]
+    elif variant:  # only that variant's weights (repos often hold fp32 and fp16 side by side)
         patterns = [p for p in patterns if not p.endswith(".safetensors")]
         patterns += [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors", f"*/*.{variant}.safetensors",
                      f"*/*.{variant}-*.safetensors"]

@@ -146,10 +146,10 @@ def _intact(folder: Path) -> bool:
 
 def _config_folder(path: Path, arch: str, model_config: str | None, flag: str) -> Path | None:
     """The local diffusers folder that supplies configs and tokenizers (None: diffusers fetches its default)."""
-    from lorakit.models import resolve_model
+    from lorakit.models import resolve_config_source
 
     if model_config:
-        folder = resolve_model(model_config, flag="--model-config")
+        folder = resolve_config_source(model_config)
         if not (folder / "model_index.json").is_file():
             raise LorakitError(f"--model-config {model_config} holds no model_index.json; pass the diffusers folder "
                                f"or hub id of the model {path.name} was made from.")
