@@ -326,7 +326,7 @@ def generate(
     arch: str = typer.Option(..., "--arch", help="Architecture id."),
     model: str = typer.Option(..., "--model", help="Base model: hub id, local folder or single .safetensors file."),
     prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeat for several images)."),
-    lora: List[str] = typer.Option([], "--lora", help="LoRA file or output folder, optionally PATH:SCALE; repeatable."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file (lorakit/diffusers, kohya/A1111/ComfyUI, diffusers-example, PEFT) or output folder; PATH:W sets its strength, PATH:W:TEW a separate text-encoder strength; repeatable."),
     output: Path = typer.Option(Path("lorakit-image.png"), "--output", help="Image path (index added for several)."),
     steps: int = typer.Option(25, help="Inference steps."),
     resolution: Optional[int] = typer.Option(None, help="Image size [the model's native]."),
@@ -369,14 +369,14 @@ def generate(
 
 @app.command(cls=_HintingCommand)
 def convert(
-    source: Path = typer.Argument(..., help="LoRA to convert: a .safetensors file (lorakit/diffusers or kohya/A1111/ComfyUI) or a training output folder."),
+    source: Path = typer.Argument(..., help="LoRA to convert: a .safetensors file (lorakit/diffusers, kohya/A1111/ComfyUI, diffusers-example or PEFT; the format is read from its keys) or a training output folder."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),
     arch: str = typer.Option(..., "--arch", help="Architecture the LoRA was trained for."),
-    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts) or diffusers (lorakit's own; also --to lorakit)."),
-    model: str = typer.Option("", "--model", help="Base model (hub id or folder) whose layer names the file uses; needed to read a kohya file, and for archs whose kohya names follow the model's config (default: the training run's model)."),
+    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts), diffusers (lorakit's own; also --to lorakit), diffusers-example (no header; alpha folded into the weights) or peft (one model's LoRA; adapter_config.json beside it)."),
+    model: str = typer.Option("", "--model", help="Base model (hub id or folder) whose layer names the file uses; needed to read a kohya file, and for archs whose kohya names follow the model's config; tells a PEFT file's component (default: the training run's model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ):
-    """Convert a LoRA between lorakit's (diffusers) format and kohya's (A1111, ComfyUI)."""
+    """Convert a LoRA between lorakit's (diffusers), kohya's (A1111, ComfyUI), diffusers-example and PEFT formats."""
     _quiet_libraries()
 
     def go():
