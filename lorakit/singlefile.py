@@ -153,6 +153,13 @@ def _config_folder(path: Path, arch: str, model_config: str | None, flag: str) -
         if not (folder / "model_index.json").is_file():
             raise LorakitError(f"--model-config {model_config} holds no model_index.json; pass the diffusers folder "
                                f"or hub id of the model {path.name} was made from.")
+        from lorakit.models import read_model_index
+        from lorakit.plugins import get_plugin_manager
+
+        index = read_model_index(folder)
+        if not get_plugin_manager(arch).hook.recognizes_model(model_index=index):
+            raise LorakitError(f"--model-config {model_config} is a {index.get('_class_name') or 'unnamed'} model, not one "
+                               f"--arch {arch} trains; pass the config of the {arch} model {path.name} was made from.")
         return folder
     if _offline():
         raise LorakitError(f"{flag} {path} is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers "

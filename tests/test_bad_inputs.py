@@ -331,6 +331,8 @@ ROWS = [
         lambda c: c.train(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
     Row("model-config-not-a-model", "train --model sd15.safetensors --model-config (an empty folder)",
         lambda c: c.train("--model-config", c.folder("cfg"), model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model-config {tmp}/cfg holds no model_index.json; pass the diffusers folder or hub id of the model sd15.safetensors was made from.'),
+    Row("model-config-other-arch", "train --model sd15.safetensors --model-config (an SDXL folder)",
+        lambda c: c.train("--model-config", _sdxl_folder(c), model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model-config {tmp}/sdxl is a StableDiffusionXLPipeline model, not one --arch sd15 trains; pass the config of the sd15 model sd15.safetensors was made from.'),
     Row("single-file-incomplete", "train --model sd15.safetensors (SD1.5 keys but not its weights) --model-config DIR",
         lambda c: c.train("--model-config", c.model, model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), "error: --model {tmp}/sd15.safetensors could not be read with --model-config {shared}/sd15 (Failed to load CLIPTextModel. Weights for this component appear to be missing in the checkpoint.); pass the --model-config of the model this checkpoint was made from."),
     Row("model-config-with-folder", "train --model (a folder) --model-config X", lambda c: c.train("--model-config", c.model),
