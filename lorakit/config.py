@@ -287,6 +287,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     from lorakit import hub, validation
 
     hub.check_options(config)
+    from lorakit.diskcache import check_cache_dir
+
+    check_cache_dir(config)
     validation.check_options(config)
     from lorakit.saveformat import check_save_format
 

@@ -45,6 +45,24 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "lorakit" / "encodings"
 
 
+def check_cache_dir(config) -> None:
+    """Refuse, before anything loads (and without creating anything), a cache folder that is
+    a file, lies under a file or in a folder this user cannot write."""
+    if not (getattr(config, "cache", False) and getattr(config, "disk_cache", False)):
+        return
+    given = getattr(config, "cache_dir", None)
+    root = Path(given).expanduser() if given else default_cache_dir()
+    flag = f"--cache-dir {given}" if given else f"the encoding cache {root} ($LORAKIT_CACHE_DIR)"
+    fix = "pass a writable folder with --cache-dir or use --no-disk-cache."
+    if root.exists() and not root.is_dir():
+        raise LorakitError(f"{flag} is a file, not a folder; {fix}")
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LorakitError(f"{flag} lies under {existing}, which is a file; {fix}")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise LorakitError(f"{flag} is not writable ({existing} is read-only for this user); {fix}")
+
+
 def cache_folder(config) -> Path:
     """The folder of this run's cache (``--cache-dir`` or the default), checked writable."""
     given = getattr(config, "cache_dir", None)

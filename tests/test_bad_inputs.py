@@ -347,6 +347,11 @@ ROWS = [
         lambda c: c.generate(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
     Row("tiny-single-file-unsupported", "tiny flux DIR --single-file", lambda c: ["tiny", "flux", c.tmp / "m", "--single-file"],
         'error: --arch flux has no single-file layout; `lorakit tiny flux` without --single-file writes its diffusers folder.'),
+    # ----------------------------------------------------------------- train: the persistent encoding cache
+    Row("cache-dir-file", "train --cache-dir FILE", lambda c: c.train("--cache-dir", c.file("cache.bin", b"x")),
+        'error: --cache-dir {tmp}/cache.bin is a file, not a folder; pass a writable folder with --cache-dir or use --no-disk-cache.'),
+    Row("cache-dir-under-file", "train --cache-dir FILE/sub", lambda c: c.train("--cache-dir", c.file("cache.bin", b"x") / "sub"),
+        'error: --cache-dir {tmp}/cache.bin/sub lies under {tmp}/cache.bin, which is a file; pass a writable folder with --cache-dir or use --no-disk-cache.'),
 ]
 
 

@@ -164,7 +164,7 @@ def test_an_unwritable_cache_dir_is_one_line(model, data, tmp_path):
     blocker.write_text("x")
     with pytest.raises(LorakitError, match="is a file, not a folder"):
         run(model, data, tmp_path / "a", blocker)
-    with pytest.raises(LorakitError, match="not writable"):
+    with pytest.raises(LorakitError, match="lies under .*which is a file"):
         run(model, data, tmp_path / "b", blocker / "sub")
 
 
@@ -193,3 +193,31 @@ def test_a_dataset_row_is_read_only_when_asked_for(tmp_path):
     assert held < sum(map(len, raw)) / 5, held  # the samples hold row numbers, not the images' bytes
     assert samples[7].digest() == hashlib.sha256(raw[7]).hexdigest()
     assert np.array_equal(np.asarray(samples[7].open()), np.asarray(Image.open(io.BytesIO(raw[7])).convert("RGB")))
+
+
+def test_two_processes_each_encode_half_and_read_the_whole(model, data, tmp_path):
+    """Under `accelerate launch` with 2 CPU processes, each encodes its share of the missing
+    entries into its own shards; both then train from the shared cache."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorakit.cli", "train",
+         "--arch", "sd15", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
+         "--resolution", "32", "--num-threads", "1", "--max-steps", "1", "--cache-dir", str(cache)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_rank: dict = {}
+    for shard in (cache / diskcache.LAYOUT).glob("shard-*.safetensors"):
+        rank = int(shard.name.rsplit("-", 2)[1])
+        with safe_open(str(shard), framework="pt") as f:
+            by_rank.setdefault(rank, []).extend(e["key"] for e in json.loads(f.metadata()["lorakit_entries"]))
+    keys = [k for ks in by_rank.values() for k in ks]
+    assert len(keys) == len(set(keys)) == images_in(data) + captions_in(data)  # every entry once, none twice
+    assert sorted(by_rank) == [0, 1] and all(len(ks) >= len(keys) // 3 for ks in by_rank.values())
+    # a 1-process run afterwards finds everything both wrote
+    assert run(model, data, tmp_path / "again", cache)[0].cache.encoded == {}
