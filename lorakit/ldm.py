@@ -1,8 +1,8 @@
 """diffusers components -> one original-layout (ldm/SGM) single-file checkpoint.
 
-diffusers reads single files (``from_single_file``) but ships no writer; its old scripts
-(``convert_diffusers_to_original_stable_diffusion.py``, ``..._sdxl.py``) hard-code the full-size
-block counts. This writer derives the UNet's block numbering from its config, so tiny models
+diffusers reads single files (``from_single_file``) but ships no writer; the diffusers-to-original
+conversion scripts in its repository (``scripts/convert_diffusers_to_original_*.py``) hard-code
+the full-size block counts. This writer derives the UNet's block numbering from its config, so tiny models
 (``lorakit tiny ARCH --single-file``) take the same loading path as users' checkpoints. Each
 mapping is the inverse of diffusers' own reader (``loaders/single_file_utils.py``:
 ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
