@@ -173,21 +173,17 @@ def _config_folder(path: Path, arch: str, model_config: str | None, flag: str) -
     return None
 
 
-def _dominant_dtype(path: Path):
-    """The floating dtype most of the file's tensors have (the converted folder keeps it)."""
-    import collections
-
+def file_dtype(path: Path):
+    """The precision the converted folder is saved in, losing nothing: the file's floating dtype
+    when all its tensors share one (an fp16 checkpoint stays fp16), else float32 (e.g. an fp16
+    UNet beside an fp32 VAE: both exact in fp32)."""
     import torch
     from safetensors import safe_open
 
     names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-    counts = collections.Counter()
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            dtype = f.get_slice(key).get_dtype()
-            if dtype in names:
-                counts[dtype] += 1
-    return names[counts.most_common(1)[0][0]] if counts else None
+        found = {f.get_slice(key).get_dtype() for key in f.keys()} & set(names)
+    return names[found.pop()] if len(found) == 1 else torch.float32
 
 
 def model_folder(path, arch: str, model_config: str | None = None, flag: str = "--model") -> tuple[Path, str]:
@@ -220,7 +216,7 @@ def _convert(path: Path, info, config_dir: Path | None, target: Path, record: di
     bars = diffusers.utils.logging.is_progress_bar_enabled()
     diffusers.utils.logging.disable_progress_bar()  # a run prints its own progress
     try:
-        pipe = cls.from_single_file(str(path), torch_dtype=_dominant_dtype(path), **kwargs, **unused)
+        pipe = cls.from_single_file(str(path), torch_dtype=file_dtype(path), **kwargs, **unused)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise LorakitError(f"--model {path} could not be read with {where} ({first}); pass the --model-config of the "

@@ -212,3 +212,21 @@ def test_generate_from_the_single_file_equals_the_folder(single_files):
     assert np.array_equal(np.asarray(from_folder[0]), np.asarray(from_file[0]))
     with pytest.raises(LorakitError, match="HF_HUB_OFFLINE is set.*pass --model-config"):
         generate("sd15", str(file), ["a red circle"], **kwargs)
+
+
+def test_precision_of_the_file_is_kept_without_loss(single_files, tmp_path):
+    from lorakit.singlefile import model_folder
+
+    file = single_files["sd15"]
+    state = load_file(str(file))
+    mixed = tmp_path / "mixed.safetensors"  # an fp16 UNet beside an fp32 VAE and text encoder
+    save_file({k: v.half() if k.startswith("model.diffusion_model.") else v for k, v in state.items()}, str(mixed))
+    folder, _ = model_folder(mixed, "sd15", model_config=str(file.parent))
+    unet, vae = _weights(folder, "unet"), _weights(folder, "vae")
+    original_unet, original_vae = _weights(file.parent, "unet"), _weights(file.parent, "vae")
+    assert all(unet[k].dtype == torch.float32 and torch.equal(unet[k], original_unet[k].half().float()) for k in unet)
+    assert all(torch.equal(vae[k], original_vae[k]) for k in vae)
+    half = tmp_path / "half.safetensors"  # all fp16: the cache stays fp16, not twice the file's size
+    save_file({k: v.half() for k, v in state.items()}, str(half))
+    folder, _ = model_folder(half, "sd15", model_config=str(file.parent))
+    assert {v.dtype for v in _weights(folder, "unet").values()} == {torch.float16}
