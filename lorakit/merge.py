@@ -101,14 +101,35 @@ def _check_plain(meta: dict, source, component: str) -> None:
                                "cannot hold; merge plain LoRAs.")
 
 
-def read_inputs(pm, sources, model_dir) -> list[tuple[Path, dict]]:
-    """Each input as ``(path, {component: (state, metadata)})`` (any format lorakit reads)."""
+def _trained_arch(file: Path) -> str | None:
+    """The ``--arch`` a lorakit run folder's config says its LoRA was trained with."""
+    import json
+
+    try:
+        return json.loads((file.parent / "lorakit_config.json").read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_inputs(pm, arch: str, sources, model_dir) -> list[tuple[Path, dict]]:
+    """Each input as ``(path, {component: (state, metadata)})`` (any format lorakit reads);
+    one its run says was trained for another arch is refused."""
     from lorakit.formats.read import open_lora, read_layers
 
     out = []
     for source in sources:
         lora = open_lora(source)
-        out.append((lora.path, read_layers(lora, pm, model_dir)))
+        trained = _trained_arch(lora.path)
+        if trained and trained != arch:
+            raise LorakitError(f"LoRA {lora.path} was trained with --arch {trained} (its lorakit_config.json says "
+                               f"so), not {arch}; merge LoRAs of one arch.")
+        layers = read_layers(lora, pm, model_dir)
+        info = pm.hook.arch_info()
+        stray = sorted(set(layers) - {info.denoiser, *info.text_encoders})
+        if stray:
+            raise LorakitError(f"LoRA {lora.path} holds layers of '{stray[0]}', which --arch {arch} has no LoRA for; "
+                               "it was trained for another arch.")
+        out.append((lora.path, layers))
     return out
 
 
@@ -227,7 +248,7 @@ def merge(arch: str, sources, output, weights=None, rank: int | None = None, mod
         raise LorakitError(f"--output {output} exists; pass --overwrite or another --output.")
     pm = get_plugin_manager(arch)
     model_dir = resolve_model(str(model), flag="--model") if model else None
-    merged, targets = merge_layers(read_inputs(pm, sources, model_dir), weights)
+    merged, targets = merge_layers(read_inputs(pm, arch, sources, model_dir), weights)
 
     layers, errors, total, lost = {}, {}, 0.0, 0.0
     for component, modules in merged.items():

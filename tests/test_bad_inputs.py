@@ -352,7 +352,53 @@ ROWS = [
         'error: --cache-dir {tmp}/cache.bin is a file, not a folder; pass a writable folder with --cache-dir or use --no-disk-cache.'),
     Row("cache-dir-under-file", "train --cache-dir FILE/sub", lambda c: c.train("--cache-dir", c.file("cache.bin", b"x") / "sub"),
         'error: --cache-dir {tmp}/cache.bin/sub lies under {tmp}/cache.bin, which is a file; pass a writable folder with --cache-dir or use --no-disk-cache.'),
+    # ----------------------------------------------------------------- merge and fuse (lorakit/merge.py, lorakit/fuse.py)
+    Row("merge-weights-count", "merge A B --weights 0.7", lambda c: _merge(c, "--weights", "0.7"),
+        'error: --weights 0.7 gives 1 weights for 2 LoRAs; give one per LoRA.'),
+    Row("merge-weights-text", "merge A B --weights 0.7;0.3", lambda c: _merge(c, "--weights", "0.7;0.3"),
+        'error: --weights 0.7;0.3: write one number per LoRA, separated by commas (e.g. 0.7,0.3).'),
+    Row("merge-weights-nan", "merge A B --weights 0.7,nan", lambda c: _merge(c, "--weights", "0.7,nan"),
+        'error: --weights 0.7,nan: every weight must be a finite number.'),
+    Row("merge-rank-zero", "merge A B --rank 0", lambda c: _merge(c, "--rank", "0"), 'error: --rank must be at least 1, got 0.'),
+    Row("merge-output-exists", "merge A B --output (exists, no --overwrite)", lambda c: _merge(c, out=c.file("m.safetensors", b"mine")),
+        'error: --output {tmp}/m.safetensors exists; pass --overwrite or another --output.'),
+    Row("merge-output-not-safetensors", "merge A B --output m.bin", lambda c: _merge(c, out=c.tmp / "m.bin"),
+        'error: --output {tmp}/m.bin must end in .safetensors; lorakit writes LoRA files as safetensors only.'),
+    Row("merge-missing-input", "merge A (missing) B", lambda c: _merge(c, loras=[c.tmp / "nope.safetensors", c.shared["lora"]]),
+        'error: LoRA {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("merge-other-arch", "merge --arch sd15 (an SD1.5 and an SDXL LoRA)", lambda c: _merge(c, loras=[c.shared["lora"], c.shared["sdxl_lora"]]),
+        'error: LoRA {shared}/sdxl-run/pytorch_lora_weights.safetensors was trained with --arch sdxl (its lorakit_config.json says so), not sd15; merge LoRAs of one arch.'),
+    Row("merge-kohya-without-model", "merge (a kohya file, no --model)", lambda c: _merge(c, loras=[c.shared["kohya"], c.shared["lora"]]),
+        'error: {shared}/kohya.safetensors is a kohya file; reading its layer names needs the base model: pass --model (hub id or folder).'),
+    Row("fuse-output-not-empty", "fuse --output DIR (holds the user's file)", lambda c: _fuse(c, out=_users_folder(c)),
+        'error: --output {tmp}/out is not empty; pass --overwrite to replace a model lorakit fused there, or choose another --output.'),
+    Row("fuse-output-foreign-overwrite", "fuse --output DIR --overwrite (holds the user's file)", lambda c: _fuse(c, "--overwrite", out=_users_folder(c)),
+        'error: --output {tmp}/out holds notes.txt, which lorakit did not write; move it away or choose another --output.'),
+    Row("fuse-output-file-exists", "fuse --output m.safetensors (exists, no --overwrite)", lambda c: _fuse(c, out=c.file("m.safetensors", b"mine")),
+        'error: --output {tmp}/m.safetensors exists; pass --overwrite or another --output.'),
+    Row("fuse-single-file-unsupported", "fuse --arch flux --output m.safetensors", lambda c: _with_arch(_fuse(c, out=c.tmp / "m.safetensors"), "flux"),
+        'error: --arch flux has no single-file checkpoint layout; pass a folder as --output.'),
+    Row("fuse-lora-missing", "fuse --lora (missing)", lambda c: _fuse(c, lora=c.tmp / "nope.safetensors"),
+        'error: --lora {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("fuse-lora-other-arch", "fuse --arch sd15 --lora (an SDXL LoRA)", lambda c: _fuse(c, lora=c.shared["sdxl_lora"]),
+        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: no such layer in the model); it is a LoRA for --arch sdxl.'),
 ]
+
+
+# merge and fuse: command lines over the shared SD1.5 LoRA and model
+def _merge(ctx: Ctx, *extra, loras=None, out=None) -> list:
+    loras = loras or [ctx.shared["lora"], ctx.shared["lora"]]
+    return ["merge", *loras, "--arch", "sd15", "--output", out or ctx.tmp / "m.safetensors", *extra]
+
+
+def _fuse(ctx: Ctx, *extra, lora=None, out=None) -> list:
+    return ["fuse", "--arch", "sd15", "--model", ctx.model, "--lora", lora or ctx.shared["lora"], "--output",
+            out or ctx.tmp / "fused", *extra]
+
+
+def _users_folder(ctx: Ctx) -> Path:
+    ctx.file("out/notes.txt", "mine")
+    return ctx.tmp / "out"
 
 
 # single-file models: checkpoints with the keys that decide the arch (tiny tensors; refused before loading)
