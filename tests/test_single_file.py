@@ -230,3 +230,40 @@ def test_precision_of_the_file_is_kept_without_loss(single_files, tmp_path):
     save_file({k: v.half() for k, v in state.items()}, str(half))
     folder, _ = model_folder(half, "sd15", model_config=str(file.parent))
     assert {v.dtype for v in _weights(folder, "unet").values()} == {torch.float16}
+
+
+def test_tiny_files_use_the_original_checkpoint_names(single_files):
+    """Names (and shapes) as released SD1.x / SDXL checkpoints spell them, not only what
+    diffusers' lenient reader accepts."""
+    shapes = {}
+    for arch, file in single_files.items():
+        with safe_open(str(file), framework="pt") as f:
+            shapes[arch] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    sd15, sdxl = shapes["sd15"], shapes["sdxl"]
+    for name in (
+        "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.input_blocks.1.0.in_layers.0.weight", "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.input_blocks.2.0.op.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.middle_block.2.out_layers.3.weight", "model.diffusion_model.output_blocks.0.0.skip_connection.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight", "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.down.0.block.0.norm1.weight", "first_stage_model.encoder.down.0.downsample.conv.weight",
+        "first_stage_model.encoder.norm_out.weight", "first_stage_model.decoder.up.3.upsample.conv.weight",
+        "first_stage_model.quant_conv.weight", "first_stage_model.post_quant_conv.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    ):
+        assert name in sd15, name
+    assert sd15["first_stage_model.encoder.mid.attn_1.q.weight"] == (32, 32, 1, 1)  # 1x1 convs, as ldm's VAE has
+    assert sd15["first_stage_model.decoder.mid.attn_1.proj_out.weight"] == (32, 32, 1, 1)
+    for name in (
+        "model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.token_embedding.weight", "conditioner.embedders.1.model.positional_embedding",
+        "conditioner.embedders.1.model.ln_final.weight", "conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_fc.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.1.attn.out_proj.weight",
+    ):
+        assert name in sdxl, name
+    assert sdxl["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] == (3 * 48, 48)
+    assert sdxl["conditioner.embedders.1.model.text_projection"] == (48, 32)  # width x embed dim, OpenCLIP's way round
