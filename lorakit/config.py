@@ -118,6 +118,8 @@ CORE_OPTIONS = (
     Option("hub_private", bool, False, "Make the Hub repo private when it is created.", panel=_HUB),
     Option("push_checkpoints", bool, False, "Also upload each checkpoint as it is saved (in the background).",
            panel=_HUB),
+    Option("license", str, None, "License id for the model card's front matter (e.g. openrail++, mit).", panel=_CARD,
+           default_text="the local base model's card's, else none"),
     Option("num_threads", int, None, "CPU threads for torch.", minimum=1, panel=_SYS, default_text="torch's default"),
 )
 CORE = by_name(CORE_OPTIONS)

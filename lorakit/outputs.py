@@ -300,10 +300,10 @@ def disk_full(output_dir: Path, need: int | None, what: str) -> LorakitError:
 
 
 @_one_line_when_disk_full("the model card")
-def write_model_card(output_dir: Path, config, info, steps: int) -> None:
+def write_model_card(output_dir: Path, config, info, steps: int, pm=None) -> None:
     from lorakit.card import model_card
 
-    text = model_card(config, info, steps)
+    text = model_card(config, info, steps, pm=pm, output_dir=output_dir)
     name = "README.md"
     card = output_dir / name
     if (card.exists() or card.is_symlink()) and name not in _ours(output_dir):  # the user's README stays

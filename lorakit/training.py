@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, outputs, saveformat, tracking, validation
+from lorakit import checkpoints, hub, losscurve, outputs, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -261,6 +261,7 @@ class Trainer:
         path = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
                                        self.config.checkpoints_limit, process_rng)
         self._say(f"saved {path}")
+        losscurve.record(self)  # the losses so far: a resumed run's curve starts at step 1
         if self.hub is not None and self.config.push_checkpoints:
             self.hub.checkpoint_saved(path)
         return path
@@ -270,7 +271,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             outputs.write_final_lora(lambda folder: saveformat.write_final(self, folder), self.output_dir,
                                      self.state.estimated_size() // 4)
-            outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step)
+            losscurve.record(self, picture=True)
+            outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step, pm=self.pm)
         # every process returns once the files exist (and none exits while the main one writes)
         self.accelerator.wait_for_everyone()
         return self.output_dir / saveformat.final_files(self.config, self.output_dir)[0]
