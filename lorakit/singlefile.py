@@ -13,8 +13,10 @@ Only safetensors are read: a ``.ckpt`` (a pickle, which can run code when loaded
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from lorakit.errors import LorakitError
 
 #: Suffixes of pickled checkpoints: never loaded (unpickling a file can run code).
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+log = logging.getLogger("lorakit")
+
 #: Written last into a converted folder: where it came from and the size of every file.
 MARKER = "lorakit_single_file.json"
 
@@ -200,9 +204,35 @@ def model_folder(path, arch: str, model_config: str | None = None, flag: str = "
     from lorakit.plugins import arch_info
 
     info = arch_info(arch)
-    _convert(path, info, config_dir, target, {"source": str(path.resolve()), "sha256": sha, "arch": arch,
-                                              "model_config": str(config_dir) if config_dir else None})
+    with _conversion_lock(target):  # one process converts (N launched ranks, or two runs); the rest reuse it
+        if not _intact(target):
+            log.info("converting %s %s once into a diffusers folder: %s", flag, path, target)
+            _convert(path, info, config_dir, target, {"source": str(path.resolve()), "sha256": sha, "arch": arch,
+                                                      "model_config": str(config_dir) if config_dir else None})
     return target, sha
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    """An exclusive ``flock`` beside ``target`` while it is converted (none where unsupported)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows): the atomic publish alone keeps it right
+        yield
+        return
+    with open(target.with_name(f".{target.name}.lock"), "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: the atomic publish alone keeps it right
+            pass
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            except OSError:
+                pass
 
 
 def _convert(path: Path, info, config_dir: Path | None, target: Path, record: dict) -> None:

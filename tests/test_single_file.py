@@ -267,3 +267,34 @@ def test_tiny_files_use_the_original_checkpoint_names(single_files):
         assert name in sdxl, name
     assert sdxl["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] == (3 * 48, 48)
     assert sdxl["conditioner.embedders.1.model.text_projection"] == (48, 32)  # width x embed dim, OpenCLIP's way round
+
+
+def test_concurrent_loads_convert_once(single_files, monkeypatch):
+    """Launched ranks (or two runs) loading the same file at once: one converts, the others
+    wait for it and reuse its folder."""
+    import threading
+
+    import diffusers
+
+    from lorakit.singlefile import model_folder
+
+    file = single_files["sd15"]
+    calls = []
+    real = diffusers.StableDiffusionPipeline.from_single_file
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(model_folder(file, "sd15", model_config=str(file.parent))[0])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1 and calls == [1]
+    assert _weights(results[0], "unet").keys() == _weights(file.parent, "unet").keys()
