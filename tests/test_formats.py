@@ -200,3 +200,58 @@ def test_mistakes_are_one_line(runs, unet_sources, tmp_path):
     save_file({"model.weight": torch.zeros(2)}, str(junk))
     with pytest.raises(LorakitError, match="no LoRA format lorakit knows"):
         convert("sd15", junk, tmp_path / "y.safetensors", "kohya", model=model)
+
+
+# ---- train writes the kohya file itself (--save-format) ------------------------------------
+
+
+def test_train_writes_both_files_by_default(runs):
+    """sd15 has a kohya layout: the diffusers file and OUTPUT/<folder>.safetensors, the latter
+    with the ss_* fields A1111/ComfyUI/kohya read, recorded in the manifest, named in the card,
+    and equal to what `lorakit convert --to kohya` writes."""
+    from test_kohya import a1111_detect_version
+
+    model, weights, _ = runs
+    folder = weights["te"].parent
+    kohya = folder / f"{folder.name}.safetensors"
+    with safe_open(str(kohya), "pt") as f:
+        header, keys = f.metadata(), set(f.keys())
+    assert a1111_detect_version(header) == "SD1"
+    assert header["ss_base_model_version"] == "sd_v1" and header["ss_v2"] == "False"
+    assert header["ss_network_module"] == "networks.lora"
+    assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "8.0")
+    assert header["ss_max_train_steps"] == "2" and header["ss_steps"] == "2" and header["ss_seed"] == "0"
+    assert header["ss_output_name"] == folder.name and header["ss_network_train_unet_only"] == "False"
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    manifest = json.loads((folder / "lorakit_manifest.json").read_text())["paths"]
+    assert kohya.name in manifest and "pytorch_lora_weights.safetensors" in manifest
+    assert f"`{kohya.name}`" in (folder / "README.md").read_text()
+    converted = convert("sd15", weights["te"], folder.parent / "converted.safetensors", "kohya", model=model)
+    a, b = load_file(str(kohya)), load_file(str(converted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_format_kohya_writes_only_the_kohya_file(runs, tmp_path):
+    model, _, _ = runs
+    out = tmp_path / "only-kohya"
+    result = lorakit.train(tiny_config("sd15", model, example_data(), out, max_steps=1, save_format="kohya"))
+    assert result.weights == out / "only-kohya.safetensors" and result.weights.is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((out / "lorakit_config.json").read_text())["save_format"] == "kohya"
+
+
+def test_save_format_mistakes_are_one_line(runs, tmp_path):
+    from lorakit.training import Trainer
+
+    model, _, _ = runs
+    with pytest.raises(LorakitError, match="--arch kandinsky22 has no kohya layout.*use --save-format diffusers"):
+        Trainer(tiny_config("kandinsky22", model, example_data(), tmp_path / "k", save_format="kohya"))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "mine.safetensors").write_bytes(b"the user's own file")
+    with pytest.raises(LorakitError, match="holds mine.safetensors, which lorakit did not write"):
+        Trainer(tiny_config("sd15", model, example_data(), out, max_steps=1)).setup()
+    assert (out / "mine.safetensors").read_bytes() == b"the user's own file"
+    config = tiny_config("sd15", model, example_data(), out, max_steps=1, save_format="diffusers")
+    lorakit.train(config)  # the diffusers file only: the user's file is no obstacle, and stays
+    assert (out / "mine.safetensors").read_bytes() == b"the user's own file"
