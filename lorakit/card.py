@@ -71,11 +71,16 @@ def _pictures(config, output_dir, steps: int) -> list[str]:
 
 def _loading(config, info, output_dir) -> list[str]:
     pipeline = info.pipeline_class or "DiffusionPipeline"
+    # a single-file base model (lorakit.singlefile) loads with from_single_file and its config
+    single, model_config = Path(str(config.model)).expanduser().is_file(), getattr(config, "model_config", None)
+    with_config = f" --model-config {model_config}" if single and model_config else ""
+    load = (f'from_single_file("{config.model}"' + (f', config="{model_config}")' if model_config else ")")
+            if single else f'from_pretrained("{config.model}")')
     lines = ["", "## Use it", "", f"Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Generate with",
-             f'`lorakit generate --arch {config.arch} --model {config.model} --lora {WEIGHT_NAME} --prompt "..."`.']
+             f'`lorakit generate --arch {config.arch} --model {config.model}{with_config} --lora {WEIGHT_NAME} --prompt "..."`.']
     if info.pipeline_loads_lora:
         lines += ["", "In diffusers:", "", "```python", f"from diffusers import {pipeline}", "",
-                  f"pipe = {pipeline}.from_pretrained(\"{config.model}\")",
+                  f"pipe = {pipeline}.{load}",
                   f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name=\"{WEIGHT_NAME}\")", "```"]
     kohya = _kohya_file(config, output_dir)
     if kohya:

@@ -81,6 +81,9 @@ def test_training_on_the_single_file_is_bit_identical_to_the_folder(arch, single
     assert all(torch.equal(folder_lora[k], file_lora[k]) for k in folder_lora)
     recorded = json.loads((result.output_dir / "lorakit_config.json").read_text())
     assert recorded["model"] == str(file) and recorded["model_sha256"] == sha256_of(file)
+    card = (result.output_dir / "README.md").read_text()  # its loading code loads the file, not a folder
+    assert f'.from_single_file("{file}", config="{file.parent}")' in card
+    assert f"--model {file} --model-config {file.parent} --lora" in card
 
 
 def test_conversion_is_cached_and_remade_when_damaged(single_files, monkeypatch):
