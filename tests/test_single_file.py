@@ -301,3 +301,22 @@ def test_concurrent_loads_convert_once(single_files, monkeypatch):
         t.join()
     assert not errors and len(set(results)) == 1 and calls == [1]
     assert _weights(results[0], "unet").keys() == _weights(file.parent, "unet").keys()
+
+
+def test_revision_picks_the_hub_snapshot(single_files, tmp_path, monkeypatch):
+    """--revision reaches huggingface_hub: offline, a cached tag resolves to its own snapshot."""
+    import huggingface_hub.constants
+
+    from lorakit.config import TrainConfig
+    from lorakit.models import resolve_run_model
+
+    repo = tmp_path / "hub" / "models--me--tiny"
+    for ref, commit, source in (("main", "a" * 40, single_files["sd15"].parent), ("v2", "b" * 40, single_files["sdxl"].parent)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        shutil.copytree(source, repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_run_model(TrainConfig(arch="sd15", model="me/tiny")) == repo / "snapshots" / ("a" * 40)
+    assert resolve_run_model(TrainConfig(arch="sdxl", model="me/tiny", revision="v2")) == repo / "snapshots" / ("b" * 40)
+    with pytest.raises(LorakitError, match="me/tiny at revision v3 is not in the local Hugging Face cache"):
+        resolve_run_model(TrainConfig(arch="sd15", model="me/tiny", revision="v3"))
