@@ -55,7 +55,7 @@ CORE_OPTIONS = (
     Option("disk_cache", bool, True, "Keep the cached encodings on disk (memory-mapped, reused by later runs and "
            "resumes); --no-disk-cache: in RAM for this run only.", panel=_DATA),
     Option("cache_dir", str, None, "Folder of the persistent encoding cache (--disk-cache).", panel=_DATA,
-           default_text="$LORAKIT_CACHE_DIR, else ~/.cache/lorakit/encodings"),
+           default_text="$LORAKIT_CACHE_DIR/encodings, else ~/.cache/lorakit/encodings"),
     Option("num_workers", int, 0, "Data-loading worker processes.", minimum=0, panel=_DATA, aliases=("dataloader_workers",)),
     Option("rank", int, 4, "LoRA rank.", minimum=1, panel=_LORA, resume=True),
     Option("alpha", float, None, "LoRA alpha.", minimum=0, exclusive_minimum=True, panel=_LORA, resume=True,
@@ -73,6 +73,10 @@ CORE_OPTIONS = (
            "or PEFT): its rank, alpha and targets are used, its weights are step 0.", panel=_LORA, resume=True),
     Option("learning_rate", float, 1e-4, "Learning rate.", minimum=0, exclusive_minimum=True, panel=_OPT,
            flags=("--learning-rate", "--lr"), aliases=("lr",)),
+    Option("optimizer", str, "adamw", "Optimizer: adamw (torch), adamw8bit (bitsandbytes, GPU), prodigy (prodigyopt; "
+           "use --learning-rate 1), adafactor (transformers).", choices=OPTIMIZERS, panel=_OPT, resume=True),
+    Option("scale_lr", bool, False, "Multiply the learning rate(s) by gradient accumulation x batch size x processes.",
+           panel=_OPT),
     Option("adam_beta1", float, 0.9, "AdamW beta1.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
     Option("adam_beta2", float, 0.999, "AdamW beta2.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
     Option("adam_weight_decay", float, 1e-2, "AdamW weight decay.", minimum=0, panel=_OPT),
@@ -88,6 +92,7 @@ CORE_OPTIONS = (
     Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
            panel=_SYS, resume=True, default_text="accelerate's (launch flag or config file), else no"),
     Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_SYS),
+    Option("allow_tf32", bool, False, "Allow TF32 matmuls on Ampere and newer GPUs (faster; no effect on CPU).", panel=_SYS),
     Option("seed", int, 0, "Seed for everything random.", minimum=0, maximum=2**32 - 1, panel=_OPT, resume=True),
     Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
     Option("checkpoints_limit", int, None, "Keep only the newest N checkpoints.", minimum=1, panel=_CKPT,
@@ -286,9 +291,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     pm = get_plugin_manager(config.arch, config.modes)
     info = pm.hook.arch_info()
     _check_core(config, info, pm, options)
-    from lorakit import hub, validation
+    from lorakit import hub, optimizers, validation
 
     hub.check_options(config)
+    optimizers.check(config)
     from lorakit.diskcache import check_cache_dir
 
     check_cache_dir(config)

@@ -29,7 +29,8 @@ from lorakit.errors import LorakitError
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
 from lorakit.state import TrainState, check_processes_agree, gather_rng_states
-from lorakit.step import Stepper, make_optimizer
+from lorakit.optimizers import make_optimizer, prepare_device
+from lorakit.step import Stepper
 
 log = logging.getLogger("lorakit")
 
@@ -78,6 +79,7 @@ class Trainer:
             checkpoints.remove_strays(self.output_dir)
         # first: the precision accelerate's launcher chose is part of the settings a resume checks
         self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
+        prepare_device(config, self.device)  # e.g. an 8-bit optimizer without a GPU: before the model loads
         resume_from = outputs.check_output_dir(self.output_dir, config)
         saveformat.check_names_free(self.output_dir, config)
         self.hub = hub.prepare(config, self.output_dir, self.accelerator.is_main_process)  # before the model loads

@@ -320,6 +320,8 @@ ROWS = [
         'error: --validation-every writes sample images of --validation-prompt, but none is given; add --validation-prompt "..." or drop --validation-every.'),
     Row("validation-images-zero", "train --num-validation-images 0", lambda c: c.train("--num-validation-images", "0"),
         'error: --num-validation-images must be a positive integer, got 0.'),
+    Row("optimizer-unknown", "train --optimizer sgd", lambda c: c.train("--optimizer", "sgd"),
+        "error: --optimizer must be one of adamw, adamw8bit, prodigy, adafactor, got 'sgd'."),
     # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
     Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
         lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),
