@@ -99,6 +99,9 @@ def check_arch(path: Path, keys, arch: str, flag: str = "--model") -> None:
         raise LorakitError(f"{flag} {path} is a single-file {found} checkpoint, which --arch {arch} cannot train; "
                            f"use --arch {found}.")
     takers = ", ".join(archs) or "none installed"
+    if any(marker in k for k in keys for marker in (".lora_down.", ".lora_A.", "lora_unet_", ".lora.down.")):
+        raise LorakitError(f"{flag} {path} is a LoRA, not a base model; pass the base model as {flag} (a LoRA goes "
+                           "to --lora of lorakit generate).")
     if arch not in archs:
         raise LorakitError(f"--arch {arch} does not load single-file checkpoints (archs that do: {takers}); pass a "
                            "diffusers model folder or hub id.")

@@ -325,6 +325,8 @@ ROWS = [
     # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
     Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
         lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),
+    Row("single-file-is-a-lora", "train --model lora.safetensors (the run's LoRA, not a base model)",
+        lambda c: c.train(model=c.shared["lora"]), 'error: --model {shared}/run/pytorch_lora_weights.safetensors is a LoRA, not a base model; pass the base model as --model (a LoRA goes to --lora of lorakit generate).'),
     Row("single-file-wrong-arch", "train --arch sd15 --model sdxl.safetensors (an SDXL checkpoint)",
         lambda c: c.train(model=_single_file(c, "sdxl.safetensors", _SDXL_KEYS)), 'error: --model {tmp}/sdxl.safetensors is a single-file sdxl checkpoint, which --arch sd15 cannot train; use --arch sdxl.'),
     Row("single-file-arch-without", "train --arch flux --model x.safetensors (flux takes no single files)",
