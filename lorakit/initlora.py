@@ -32,7 +32,10 @@ def read_init_lora(config, pm, model_path: Path) -> dict:
 
     lora = open_lora(config.init_lora, what="--init-lora")
     config.init_lora_sha256 = file_sha256(lora.path)
-    layers = read_layers(lora, pm, model_path)
+    try:
+        layers = read_layers(lora, pm, model_path)
+    except LorakitError as exc:  # e.g. kohya names that match no layer of this model
+        raise _refuse(config, lora, str(exc).split("; is the LoRA")[0].rstrip(".")) from None
     info = pm.hook.arch_info()
     allowed = {info.denoiser, *info.text_encoders}
     stray = sorted(set(layers) - allowed)
@@ -48,7 +51,30 @@ def read_init_lora(config, pm, model_path: Path) -> dict:
         raise LorakitError(
             f"--train-text-encoder: --init-lora {config.init_lora} has no text-encoder LoRA to continue; drop one of them."
         )
+    for name, (state, _) in layers.items():
+        _check_fits(config, lora, name, state, model_path)
     return layers
+
+
+def _refuse(config, lora, problem: str) -> LorakitError:
+    from lorakit.formats.fit import arch_hint
+
+    return LorakitError(f"--init-lora {lora.path} does not fit --arch {config.arch} with --model {config.model} "
+                        f"({problem}); {arch_hint(lora, config.arch, config.model)}.")
+
+
+def _check_fits(config, lora, component: str, state: dict, model_path) -> None:
+    """Every layer of the file exists in the base model with the shapes its weights need."""
+    from lorakit.formats.fit import mismatch
+    from lorakit.formats.layout import component_module
+
+    try:
+        module = component_module(model_path, component)
+    except LorakitError:
+        raise _refuse(config, lora, f"it has LoRA for '{component}', which --model lacks") from None
+    problem = mismatch(module, state)
+    if problem:
+        raise _refuse(config, lora, f"{component}.{problem}")
 
 
 def _check_options(config, meta: dict) -> None:
@@ -98,7 +124,6 @@ def inject(trainer) -> dict:
     configs = {}
     for name, (state, meta) in layers.items():
         module = components[name]
-        _check_fits(config, name, module, state)
         if name == info.denoiser:
             check_targets(config, name, module, state)
         values = {k: v for k, v in meta.items() if k in fields}
@@ -118,11 +143,3 @@ def inject(trainer) -> dict:
     return lora_configs
 
 
-def _check_fits(config, component: str, module, state: dict) -> None:
-    """Every layer of the file exists in the model with the shapes the file's weights need."""
-    from lorakit.formats.fit import mismatch
-
-    problem = mismatch(module, state)
-    if problem:
-        raise LorakitError(f"--init-lora {config.init_lora} does not fit --model {config.model}: {component}.{problem}; "
-                           "pass the base model (and --arch) it was trained for.")

@@ -35,16 +35,10 @@ def scales_of(spec: tuple, info, arch: str):
 
 
 def _refuse(lora, arch: str, model: str, problem: str) -> LorakitError:
-    from lorakit.formats.fit import fitting_archs
+    from lorakit.formats.fit import arch_hint
 
-    others = fitting_archs(lora, arch)
-    if len(others) == 1:
-        hint = f"it is a LoRA for --arch {others[0]}"
-    elif others:
-        hint = f"it looks like a LoRA for --arch {' or '.join(others)}, or for another model size of {arch}"
-    else:
-        hint = f"it was trained for another model (or model size) than --model {model}"
-    return LorakitError(f"--lora {lora.path} does not fit --arch {arch} with --model {model} ({problem}); {hint}.")
+    return LorakitError(f"--lora {lora.path} does not fit --arch {arch} with --model {model} ({problem}); "
+                        f"{arch_hint(lora, arch, model)}.")
 
 
 def check_fits(pipeline, layers: dict, lora, arch: str, model: str) -> None:

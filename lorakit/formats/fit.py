@@ -34,6 +34,16 @@ def mismatch(module, state: dict) -> str | None:
     return None
 
 
+def arch_hint(lora, arch: str, model) -> str:
+    """The end of a "does not fit" line: which arch the LoRA is for, as far as the file tells."""
+    others = fitting_archs(lora, arch)
+    if len(others) == 1:
+        return f"it is a LoRA for --arch {others[0]}"
+    if others:
+        return f"it looks like a LoRA for --arch {' or '.join(others)}, or for another model size of {arch}"
+    return f"it was trained for another model (or model size) than --model {model}"
+
+
 def fitting_archs(lora, current: str) -> list[str]:
     """Installed archs other than ``current`` whose components and kohya prefixes could hold
     the LoRA (its run config's arch first when it has one): what an error suggests."""
