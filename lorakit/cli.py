@@ -190,6 +190,7 @@ def train(**values):
     from lorakit.config import build_config
 
     config_file = values.pop("config_file", None)
+    print_config = values.pop("print_config", None)
     values = {k: (None if isinstance(v, (list, tuple)) and not v else v) for k, v in values.items()}  # a repeatable flag not given
     modes = [m for m in _mode_flags() if values.pop(_mode_param(m), None)]
     values["modes"] = modes or None
@@ -198,6 +199,10 @@ def train(**values):
 
     def go():
         config = build_config(values, str(config_file) if config_file else None)
+        if print_config:
+            from lorakit.config import config_yaml
+
+            return config_yaml(config)
         from lorakit.progress import make_progress
         from lorakit.training import train as run_training
 
@@ -207,6 +212,9 @@ def train(**values):
             _end_process_group()
 
     result = _run(go)
+    if isinstance(result, str):  # --print-config
+        typer.echo(result, nl=False)
+        return
     typer.echo(f"saved {result.weights} ({result.global_step} steps)")
 
 
@@ -277,6 +285,11 @@ def _train_parameters() -> list:
         "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Opt[Path],
         default=typer.Option(None, "--config", help="TOML, YAML or JSON file of options (keys as the flags); flags win.",
                              rich_help_panel="Run"),
+    ))
+    params.append(inspect.Parameter(
+        "print_config", inspect.Parameter.KEYWORD_ONLY, annotation=Opt[bool],
+        default=typer.Option(None, "--print-config", help="Print the resolved options as a YAML config file "
+                             "(for --config) and exit without training.", rich_help_panel="Run"),
     ))
     for mode, text in _mode_flags().items():
         params.append(inspect.Parameter(

@@ -258,6 +258,14 @@ def build_config(cli_values: dict, config_file: str | None = None) -> TrainConfi
     return config
 
 
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved options as a YAML config file (``--print-config``): every option of the run
+    by the key a config file takes; ``--config`` of it gives the same config."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=True, allow_unicode=True)
+
+
 def unknown_option_message(key: str, arch: str, modes, where: str = "") -> str:
     """One line for an option the run does not accept: whose option it is, if anyone's."""
     from lorakit.plugins import declared_elsewhere
