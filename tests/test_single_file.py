@@ -182,7 +182,7 @@ def test_tiny_single_file_cli_and_training_through_the_cli(tmp_path):
 
 
 def test_file_keys_decide_the_arch(tmp_path):
-    from lorakit.singlefile import check_arch, checked_keys
+    from lorakit.filearch import check_arch, checked_keys
 
     def fake(name, keys):
         path = tmp_path / name
