@@ -87,6 +87,8 @@ class Trainer:
         self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
         self.dataset = self.pm.hook.build_dataset(config=config, components=self.components, pm=self.pm)
+        if config.max_train_samples:
+            self.dataset = self.dataset.first(config.max_train_samples)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = Batches(self.dataset, config, self.resolution, world, rank, self.info.size_multiple)
         config.max_steps = self.batches.run_steps()  # --max-steps or --epochs, as the run config records

@@ -351,6 +351,8 @@ ROWS = [
         'error: --num-validation-images must be a positive integer, got 0.'),
     Row("optimizer-unknown", "train --optimizer sgd", lambda c: c.train("--optimizer", "sgd"),
         "error: --optimizer must be one of adamw, adamw8bit, prodigy, adafactor, got 'sgd'."),
+    Row("max-train-samples-zero", "train --max-train-samples 0", lambda c: c.train("--max-train-samples", "0"),
+        'error: --max-train-samples must be a positive integer, got 0.'),
     # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
     Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
         lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),

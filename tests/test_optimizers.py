@@ -109,3 +109,27 @@ def test_allow_tf32_sets_torchs_switch(model, tmp_path):
         trainer.guard.close()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ---------------------------------------------------------------------------- the rest of the guide's options
+
+
+def test_max_train_samples_takes_the_first_examples_in_the_datas_order(model, tmp_path):
+    full = Trainer(config(model, tmp_path / "a", max_steps=None, epochs=1, batch_size=4)).setup()
+    some = Trainer(config(model, tmp_path / "b", max_steps=None, epochs=2, batch_size=4, max_train_samples=4)).setup()
+    keys = lambda t: [s.key for e in t.dataset.examples for s in e]  # noqa: E731
+    assert len(full.dataset) == 12 and keys(some) == keys(full)[:4]
+    assert full.config.max_steps == 3 and some.config.max_steps == 2  # one batch of 4 an epoch
+    for t in (full, some):
+        t.guard.close()
+
+
+def test_dataloader_workers_is_the_scripts_name_for_num_workers(tmp_path, model):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--arch", "sd15", "--model", str(model), "--data", str(example_data()),
+                                      "--output", str(tmp_path / "o"), "--dataloader-workers", "2", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "num_workers: 2" in result.stdout.splitlines()

@@ -67,6 +67,13 @@ class CaptionedImages:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def first(self, count: int | None) -> "CaptionedImages":
+        """The first ``count`` examples in the data's order (``--max-train-samples``); all when
+        ``count`` is None or not smaller."""
+        if count is None or count >= len(self.examples):
+            return self
+        return type(self)(self.examples[:count], self.source)
+
     def samples(self) -> list[Sample]:
         """Every distinct sample (by key), in first-seen order."""
         seen, out = set(), []
