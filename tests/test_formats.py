@@ -134,7 +134,7 @@ def test_peft_file_written_by_peft_itself(runs, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "peft"))
     reference = load_outputs(model, tmp_path / "peft" / "adapter_model.safetensors", "peft", text_encoders=())
     assert max_diff(reference, {"unet": base["unet"]}) > 1e-3
-    ours = convert("sd15", tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "ours.safetensors", "lorakit", model=model)
+    ours = convert("sd15", tmp_path / "peft", tmp_path / "ours.safetensors", "lorakit", model=model)  # the folder
     assert max_diff(load_outputs(model, ours, "lorakit", text_encoders=()), reference) < 1e-5
     (tmp_path / "peft" / "adapter_config.json").unlink()  # without it: alpha = rank, as PEFT's default
     bare = convert("sd15", tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "bare.safetensors", "lorakit", model=model)
@@ -238,6 +238,9 @@ def test_save_format_kohya_writes_only_the_kohya_file(runs, tmp_path):
     assert result.weights == out / "only-kohya.safetensors" and result.weights.is_file()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((out / "lorakit_config.json").read_text())["save_format"] == "kohya"
+    from lorakit.formats.read import open_lora
+
+    assert open_lora(out).path == result.weights  # the output folder names its kohya file
 
 
 def test_save_format_mistakes_are_one_line(runs, tmp_path):
@@ -255,3 +258,33 @@ def test_save_format_mistakes_are_one_line(runs, tmp_path):
     config = tiny_config("sd15", model, example_data(), out, max_steps=1, save_format="diffusers")
     lorakit.train(config)  # the diffusers file only: the user's file is no obstacle, and stays
     assert (out / "mine.safetensors").read_bytes() == b"the user's own file"
+
+
+def test_old_attention_processor_file(runs, tmp_path):
+    """``save_attn_procs``-era keys (``processor.to_q_lora.down``, no prefix, no alpha): read as
+    diffusers reads them."""
+    from safetensors.torch import save_file
+
+    model, weights, _ = runs
+    state = load_file(str(weights["unet"]))
+    old = {}
+    for key, tensor in state.items():
+        module, _, which = key[len("unet."):].rpartition(".lora_")
+        head, _, name = module.rpartition(".")
+        if name == "0" and head.endswith(".to_out"):
+            head, name = head[: -len(".to_out")], "to_out"
+        if name not in ("to_q", "to_k", "to_v", "to_out"):
+            continue  # the old format held attention processors only
+        old[f"{head}.processor.{name}_lora.{'down' if which.startswith('A') else 'up'}.weight"] = tensor
+    path = tmp_path / "pipeline.safetensors"  # diffusers 0.17-0.20 pipelines: `unet.` prefixed
+    save_file({f"unet.{k}": t for k, t in old.items()}, str(path))
+    reference = load_outputs(model, path, "diffusers-example", text_encoders=())
+    assert max_diff(reference, {"unet": load_outputs(model, None, None, text_encoders=())["unet"]}) > 1e-3
+    bare = tmp_path / "attn_procs.safetensors"  # unet.save_attn_procs: no prefix (diffusers 0.42 loads none of it)
+    save_file(old, str(bare))
+    for source in (path, bare):
+        ours = convert("sd15", source, tmp_path / f"ours-{source.stem}.safetensors", "lorakit", model=model)
+        assert max_diff(load_outputs(model, ours, "lorakit", text_encoders=()), reference) < 1e-5
+        with safe_open(str(ours), "pt") as f:
+            assert len(list(f.keys())) == len(old)
+            assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 4.0  # no alpha: = rank

@@ -92,3 +92,51 @@ def test_a_kohya_file_of_another_model_size_names_the_layer(sd15, tmp_path):
     save_file(state, str(wide))
     with pytest.raises(LorakitError, match=r"attn2.to_k: the LoRA has 1024 inputs, the model's layer 32"):
         load_pipeline_with_loras("sd15", str(model), [parse_lora_spec(str(wide))], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from lorakit.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("gen-formats-xl")
+    model = make_tiny_model("sdxl", root / "model")
+    config = tiny_config("sdxl", model, example_data(), root / "xl-style", alpha=8, train_text_encoder=True,
+                         target_modules=TARGETS, max_steps=2, learning_rate=5e-2)
+    return model, lorakit.train(config).weights, root
+
+
+def test_sdxl_kohya_file_train_wrote_has_kohyas_names_and_generates_the_same_image(sdxl):
+    from safetensors import safe_open
+
+    model, weights, root = sdxl
+    kohya = root / "xl-style" / "xl-style.safetensors"
+    with safe_open(str(kohya), "pt") as f:
+        keys, header = set(f.keys()), f.metadata()
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and not any("down_blocks" in k for k in keys)
+    assert any(k.startswith("lora_te1_text_model_") for k in keys) and any(k.startswith("lora_te2_text_model_") for k in keys)
+
+    def image(*specs):
+        out = generate("sdxl", str(model), ["a red circle"], [parse_lora_spec(str(s)) for s in specs], steps=2,
+                       resolution=32, seed=0, device="cpu")
+        return np.asarray(out[0], dtype=np.int16)
+
+    ours = image(weights)
+    assert np.abs(ours - image()).max() > 0
+    assert np.array_equal(ours, image(kohya))
+
+
+def test_sdxl_init_lora_from_the_kohya_file(sdxl, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorakit.training import Trainer
+
+    model, weights, root = sdxl
+    config = tiny_config("sdxl", model, example_data(), tmp_path / "more", max_steps=1,
+                         init_lora=str(root / "xl-style" / "xl-style.safetensors"))
+    trainer = Trainer(config).setup()
+    assert set(trainer.lora_configs) == {"unet", "text_encoder", "text_encoder_2"}
+    start = {f"{c}.{k}": t for c, (state, _) in trainer.lora_layers().items() for k, t in state.items()}
+    original = load_file(str(weights))
+    assert start.keys() == original.keys() and all(torch.equal(start[k], original[k]) for k in original)
+    assert trainer.run().global_step == 1

@@ -13,9 +13,9 @@ def mismatch(module, state: dict) -> str | None:
 
     layers = dict(module.named_modules())
     for key in sorted(state):
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue  # DoRA magnitudes, LoRA biases: they follow the layer's own shape
         layer, _, which = key.rpartition(".lora_")
-        if not layer:
-            continue
         target = layers.get(layer)
         if target is None:
             return f"{layer}: no such layer in the model"
