@@ -15,7 +15,6 @@ entry at a time: a run's memory does not grow with the size of its dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,16 +30,16 @@ log = logging.getLogger("lorakit")
 #: bumped when the shard layout changes; older layouts live in other subfolders, never read
 LAYOUT = "v1"
 #: a shard is sealed once it holds this many bytes of tensors (and at the end of a fill)
-SHARD_BYTES = 64 * 2**20
+SHARD_BYTES = 16 * 2**20
 _SUFFIX = ".safetensors"
 
 
 def default_cache_dir() -> Path:
-    """``$LORAKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorakit/encodings``, else
-    ``~/.cache/lorakit/encodings``: the user's cache folder (as huggingface_hub keeps its own
-    under ``~/.cache``), never beside data that may be read-only or shared."""
+    """``encodings`` in lorakit's cache folder: ``$LORAKIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit`` (the user's cache, as huggingface_hub
+    keeps its own under ``~/.cache``; never beside data that may be read-only or shared)."""
     if os.environ.get("LORAKIT_CACHE_DIR"):
-        return Path(os.environ["LORAKIT_CACHE_DIR"]).expanduser()
+        return Path(os.environ["LORAKIT_CACHE_DIR"]).expanduser() / "encodings"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "lorakit" / "encodings"
 
@@ -52,7 +51,7 @@ def check_cache_dir(config) -> None:
         return
     given = getattr(config, "cache_dir", None)
     root = Path(given).expanduser() if given else default_cache_dir()
-    flag = f"--cache-dir {given}" if given else f"the encoding cache {root} ($LORAKIT_CACHE_DIR)"
+    flag = f"--cache-dir {given}" if given else f"the encoding cache {root}"
     fix = "pass a writable folder with --cache-dir or use --no-disk-cache."
     if root.exists() and not root.is_dir():
         raise LorakitError(f"{flag} is a file, not a folder; {fix}")
@@ -85,14 +84,16 @@ def cache_folder(config) -> Path:
 
 
 def entry_checksum(tensors: dict) -> str:
-    """blake2b over an entry's tensor names, dtypes, shapes and bytes (checked on every read)."""
+    """xxh3-128 over an entry's tensor names, dtypes, shapes and bytes (checked on every read)."""
     import torch
 
-    h = hashlib.blake2b(digest_size=16)
+    from lorakit.cachekeys import _fast_hash
+
+    h = _fast_hash()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _own_encoding_cache(tmp_path_factory, monkeypatch):
-    """Each test gets an empty persistent encoding cache (runs it starts inherit it), so a
-    test never reads another's entries nor writes into the user's ~/.cache."""
-    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path_factory.mktemp("encodings")))
+def _own_lorakit_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty lorakit cache folder (the encoding cache; runs it starts inherit
+    it), so a test never reads another's entries nor writes into the user's ~/.cache."""
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path_factory.mktemp("lorakit-cache")))

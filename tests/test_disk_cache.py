@@ -151,6 +151,8 @@ def test_entries_keep_their_exact_dtype_and_carry_their_keys(tmp_path):
 
 
 def test_the_default_folder_is_the_users_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert diskcache.default_cache_dir() == tmp_path / "mine" / "encodings"
     monkeypatch.delenv("LORAKIT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert diskcache.default_cache_dir() == tmp_path / "xdg" / "lorakit" / "encodings"
