@@ -24,8 +24,6 @@ _TRACK, _VAL, _HUB, _CARD = "Tracking", "Validation samples", "Hub", "Model card
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 #: --optimizer's choices (see lorakit.optimizers).
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-#: --image-interpolation-mode's choices: the resampling filters of PIL (diffusers' script's names).
-INTERPOLATION = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
 
 CORE_OPTIONS = (
     Option("arch", str, "", "Architecture id (see `lorakit list-archs`).", panel=_RUN, resume=True, default_text="required"),

@@ -228,7 +228,8 @@ def test_the_guides_naruto_command_runs_offline_and_logs_to_tensorboard(model, t
     for i, arg in enumerate(args):
         if arg in small:
             args[i + 1] = small[arg]
-    drop = {"--max-steps", "--report-to", "--checkpoint-every", "--validation-every"}
+    drop = {"--max-steps", "--report-to", "--checkpoint-every", "--validation-every", "--hub-model-id"}
+    args = [a for a in args if a != "--push-to-hub"]  # offline: no Hub (tests/test_hub.py covers it)
     keep = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
     keep += ["--report-to", "tensorboard", "--epochs", "2", "--validation-every", "3", "--num-threads", "1"]
     result = CliRunner().invoke(app, ["train", *keep])
