@@ -3,8 +3,11 @@
 ``produce WORK`` (lorakit's stack): writes tiny SD1.5 and SDXL models in the layout their
 published checkpoints have (CLIP weights under ``text_model.``, a tokenizer with vocab.json and
 merges.txt: what transformers 4 reads; transformers 5 reads it identically, checked here),
-trains a LoRA on each (rank 4, alpha 8, attention and non-attention UNet targets, both text
-encoders), and saves fixed inputs with the trained components' outputs.
+trains a LoRA on each (rank 4, alpha 8, attention and non-attention UNet targets, every text
+encoder), converts it to the diffusers-example format (``lorakit convert``: no header, scale in
+the weights, for loaders that read no adapter metadata) and merges it with a second one
+(``lorakit merge``), and saves fixed inputs with the expected outputs: the trained components'
+(for the first two), and the two LoRAs' as adapters at the merge weights.
 
 ``check WORK`` (the old stack, lorakit not imported): loads each model with diffusers'
 pipeline, checks the base reproduces lorakit's stack, loads the LoRA file with
@@ -97,11 +100,19 @@ def outputs_of(components: dict, inputs: dict) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _lora_layers(comps: dict) -> dict:
+    return {k: sum(1 for _, m in v.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)) for k, v in comps.items()}
+
+
 def produce(work: Path) -> None:
+    """Per arch: a trained LoRA (expected: the trained components' outputs) and a merge of it
+    with a second one (``lorakit merge``; expected: both loaded as adapters at the weights)."""
     import diffusers
     import torch
     from safetensors.torch import save_file
 
+    from lorakit.convert import convert
+    from lorakit.merge import merge
     from lorakit.testing import example_data, tiny_config
     from lorakit.tiny import make_tiny_model
     from lorakit.training import Trainer
@@ -120,15 +131,32 @@ def produce(work: Path) -> None:
                              target_modules=TARGETS, train_text_encoder=True)
         trainer = Trainer(config).setup()
         result = trainer.run()
-        comps = {k: v for k, v in trainer.components.items() if k == "unet" or k in text_encoders(model)}
+        names = ["unet", *text_encoders(model)]
+        comps = {k: trainer.components[k] for k in names}
         inputs = fixed_inputs(dict(b.unet.config), comps)
         save_file(inputs, str(work / f"{arch}-inputs.safetensors"))
+        save_file(outputs_of({k: getattr(b, k) for k in names}, inputs), str(work / f"{arch}-base.safetensors"))
+        files = {"trained": {"weights": str(result.weights), "layers": _lora_layers(comps)}}
         save_file(outputs_of(comps, inputs), str(work / f"{arch}-trained.safetensors"))
-        base = {k: getattr(b, k) for k in comps}
-        save_file(outputs_of(base, inputs), str(work / f"{arch}-base.safetensors"))
-        layers = {k: sum(1 for _, m in v.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)) for k, v in comps.items()}
-        (work / f"{arch}.json").write_text(json.dumps({"weights": str(result.weights), "layers": layers}))
-        print(f"{arch}: trained {result.weights.name} ({', '.join(f'{k} {n} LoRA layers' for k, n in layers.items())})")
+        # the same LoRA as diffusers' examples write it (no header, scale folded in): for loaders
+        # that read no adapter metadata (diffusers < 0.34), which take alpha = rank
+        example = convert(arch, result.weights, work / f"{arch}-example.safetensors", "diffusers-example", model=str(model))
+        files["diffusers-example"] = {"weights": str(example), "layers": _lora_layers(comps)}
+
+        second = Trainer(tiny_config(arch, model, example_data(), work / f"{arch}-lora2", rank=2, alpha=1, max_steps=3,
+                                     seed=1, learning_rate=1e-2, target_modules=["to_q", "to_v"])).setup().run()
+        merged = merge(arch, [result.weights, second.weights], work / f"{arch}-merged.safetensors", [0.7, 0.6])
+        both = cls.from_pretrained(model)
+        for i, f in enumerate((result.weights, second.weights)):
+            both.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=f"l{i}")
+        both.set_adapters(["l0", "l1"], adapter_weights=[0.7, 0.6])
+        both_comps = {k: getattr(both, k) for k in names}
+        save_file(outputs_of(both_comps, inputs), str(work / f"{arch}-merged-want.safetensors"))
+        files["merged"] = {"weights": str(merged.path), "layers": _lora_layers(both_comps)}
+        (work / f"{arch}.json").write_text(json.dumps(files))
+        for what, facts in files.items():
+            print(f"{arch}: {what} {Path(facts['weights']).name} "
+                  f"({', '.join(f'{k} {n} LoRA layers' for k, n in facts['layers'].items())})")
 
 
 def check(work: Path) -> int:
@@ -138,29 +166,29 @@ def check(work: Path) -> int:
     print(f"old stack: {versions()}")
     failed = 0
     for arch, pipeline in ARCHS.items():
-        facts = json.loads((work / f"{arch}.json").read_text())
         inputs = load_file(str(work / f"{arch}-inputs.safetensors"))
         want_base = load_file(str(work / f"{arch}-base.safetensors"))
-        want = load_file(str(work / f"{arch}-trained.safetensors"))
-        pipe = getattr(diffusers, pipeline).from_pretrained(str(work / f"{arch}-model"))
-        comps = {k: getattr(pipe, k) for k in facts["layers"]}
-        base = outputs_of(comps, inputs)
-        weights = Path(facts["weights"])
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
-        got = outputs_of(comps, inputs)
-        for name, expected in facts["layers"].items():
-            loaded = sum(1 for _, m in comps[name].named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-            ok = loaded == expected
-            failed += not ok
-            print(f"{arch} {name}: {loaded} of {expected} LoRA layers loaded {'ok' if ok else 'FAIL'}")
-        for key in want:
-            base_diff = (base[key] - want_base[key]).abs().max().item()
-            diff = (got[key] - want[key]).abs().max().item()
-            effect = (want[key] - want_base[key]).abs().max().item()
-            ok = diff < TOLERANCE and base_diff < TOLERANCE and effect > 100 * TOLERANCE
-            failed += not ok
-            print(f"{arch} {key}: max |old stack - trained| = {diff:.2e} (base model {base_diff:.2e}, "
-                  f"LoRA effect {effect:.2e}) {'ok' if ok else 'FAIL'}")
+        for what, facts in json.loads((work / f"{arch}.json").read_text()).items():
+            want = load_file(str(work / f"{arch}-{'merged-want' if what == 'merged' else 'trained'}.safetensors"))
+            pipe = getattr(diffusers, pipeline).from_pretrained(str(work / f"{arch}-model"))
+            comps = {k: getattr(pipe, k) for k in facts["layers"]}
+            base = outputs_of(comps, inputs)
+            weights = Path(facts["weights"])
+            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+            got = outputs_of(comps, inputs)
+            for name, expected in facts["layers"].items():
+                loaded = _lora_layers({name: comps[name]})[name]
+                ok = loaded == expected
+                failed += not ok
+                print(f"{arch} {what} {name}: {loaded} of {expected} LoRA layers loaded {'ok' if ok else 'FAIL'}")
+            for key in want:
+                base_diff = (base[key] - want_base[key]).abs().max().item()
+                diff = (got[key] - want[key]).abs().max().item()
+                effect = (want[key] - want_base[key]).abs().max().item()
+                ok = diff < TOLERANCE and base_diff < TOLERANCE and effect > 100 * TOLERANCE
+                failed += not ok
+                print(f"{arch} {what} {key}: max |old stack - lorakit's| = {diff:.2e} (base model {base_diff:.2e}, "
+                      f"LoRA effect {effect:.2e}) {'ok' if ok else 'FAIL'}")
     print("all outputs reproduced" if not failed else f"{failed} checks FAILED")
     return 1 if failed else 0
 
