@@ -288,3 +288,27 @@ def test_old_attention_processor_file(runs, tmp_path):
         with safe_open(str(ours), "pt") as f:
             assert len(list(f.keys())) == len(old)
             assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 4.0  # no alpha: = rank
+
+
+def test_peft_file_of_a_text_encoder_is_told_by_its_layers(runs, tmp_path):
+    """A PEFT folder holds no component name: the base model's layers tell it is the text encoder's."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model
+
+    model, _, base = runs
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    torch.manual_seed(3)
+    peft_model = get_peft_model(pipe.text_encoder, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                                              init_lora_weights="gaussian"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    from test_convert import text_output
+
+    reference = text_output(pipe.text_encoder)
+    assert (reference - base["text_encoder"]).abs().max() > 1e-3
+    peft_model.save_pretrained(str(tmp_path / "te-peft"))
+    ours = convert("sd15", tmp_path / "te-peft", tmp_path / "ours.safetensors", "lorakit", model=model)
+    with safe_open(str(ours), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"text_encoder"}
+    assert (load_outputs(model, ours, "lorakit")["text_encoder"] - reference).abs().max() < 1e-5
