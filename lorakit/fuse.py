@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, PluginError
 
 FUSED = "lorakit_fused.json"
 
@@ -76,11 +76,21 @@ def fused_pipeline(arch: str, model: str, loras, device=None, model_config=None)
     if not hasattr(pipeline, "fuse_lora") or not hasattr(pipeline, "unload_lora_weights"):
         raise LorakitError(f"--arch {arch}: its pipeline ({type(pipeline).__name__}) cannot fuse LoRAs; use the "
                            "LoRA file with lorakit generate instead.")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     names = [f"lora{i}" for i in range(len(loras))]
+    # every component holding LoRA layers (a pipeline's default list can be shorter: FLUX's is
+    # the transformer only, which left its CLIP LoRA unfused)
+    holders = {n: c for n, c in pipeline.components.items() if isinstance(c, torch.nn.Module)
+               and any(isinstance(m, BaseTunerLayer) for m in c.modules())}
     try:
-        pipeline.fuse_lora(adapter_names=names, lora_scale=1.0, safe_fusing=True)
+        pipeline.fuse_lora(components=list(holders), adapter_names=names, lora_scale=1.0, safe_fusing=True)
     except ValueError as exc:  # safe_fusing: a NaN in a fused weight
         raise LorakitError(f"fusing the LoRAs broke a weight ({str(exc).splitlines()[0][:200]}); nothing was written.") from None
+    left = next((f"{n}.{path}" for n, c in holders.items() for path, m in c.named_modules()
+                 if isinstance(m, BaseTunerLayer) and m.active_adapters and not m.merged), None)
+    if left is not None:  # never write a model that silently lacks part of a LoRA
+        raise PluginError(f"--arch {arch}: the pipeline did not fuse the LoRA layer {left}; nothing was written.")
     pipeline.unload_lora_weights()
     return pm, pipeline
 

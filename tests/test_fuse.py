@@ -145,3 +145,30 @@ def test_cli_fuse_and_merge(sd15, tmp_path):
     _, with_loras = load_pipeline_with_loras("sd15", str(model), loras, device="cpu")
     got = _outputs(StableDiffusionPipeline.from_pretrained(tmp_path / "fused"))
     assert _max_diff(_outputs(with_loras), got) < 1e-4  # merge then fuse == both LoRAs at their scales
+
+
+@pytest.mark.parametrize("arch", ["flux"])
+def test_every_lora_layer_is_fused(arch, tmp_path):
+    """Weight by weight: fused = base + scale * B @ A in every component holding LoRA, whatever
+    the pipeline fuses by default (FLUX's fuse_lora alone leaves its CLIP LoRA out)."""
+    from lorakit.testing import lora_deltas
+    from lorakit.tiny import make_tiny_model
+
+    model = make_tiny_model(arch, tmp_path / "model")
+    lora = Trainer(tiny_config(arch, model, example_data(), tmp_path / "a", max_steps=1, learning_rate=1e-2,
+                               train_text_encoder=True)).setup().run().weights
+    out = fuse(arch, str(model), [(lora, 0.6)], tmp_path / "fused")
+    _, with_lora = load_pipeline_with_loras(arch, str(model), [(lora, 0.6)], device="cpu")
+    cls = type(with_lora)
+    fused, base = cls.from_pretrained(out), cls.from_pretrained(model)
+    checked = {}
+    for name, component in with_lora.components.items():
+        deltas = lora_deltas(component) if isinstance(component, torch.nn.Module) else {}
+        if not deltas:
+            continue
+        after, before = dict(getattr(fused, name).named_modules()), dict(getattr(base, name).named_modules())
+        for layer, delta in deltas.items():
+            want = before[layer].weight + delta.reshape(before[layer].weight.shape)
+            assert torch.allclose(after[layer].weight, want, atol=1e-6), f"{name}.{layer} not fused"
+            checked[name] = checked.get(name, 0) + 1
+    assert set(checked) == {"transformer", "text_encoder"} and all(checked.values()), checked
