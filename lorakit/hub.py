@@ -61,11 +61,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def prepare(config, output_dir: Path, main: bool) -> "HubPush | None":
-    """The run's uploader when ``--push-to-hub`` (None otherwise), with the credentials and the
-    repo checked now, before the model loads. Only the main process talks to the Hub."""
+def prepare(config, output_dir: Path, main: bool) -> "HubPush":
+    """The run's uploader, with the credentials and the repo checked now, before the model
+    loads (without ``--push-to-hub`` one that uploads nothing). Only the main process talks to
+    the Hub."""
     if not config.push_to_hub:
-        return None
+        return HubPush(None, "", output_dir, main=False)
     if offline():
         raise LorakitError("--push-to-hub cannot reach the Hub: HF_HUB_OFFLINE is set; unset it, "
                            "or drop --push-to-hub and upload later with `hf upload`.")
@@ -76,7 +77,7 @@ def prepare(config, output_dir: Path, main: bool) -> "HubPush | None":
         raise LorakitError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN "
                            "(a token with write access); nothing was trained.")
     if not main:
-        return HubPush(None, config.hub_model_id or "", output_dir, main=False)
+        return HubPush(None, config.hub_model_id or "", output_dir, main=False)  # the main process uploads
     api = HfApi(token=token)
     try:
         user = api.whoami()
@@ -92,7 +93,7 @@ def prepare(config, output_dir: Path, main: bool) -> "HubPush | None":
         raise LorakitError(f"--push-to-hub: cannot create or use the repo {repo_id} ({_first_line(exc)}); "
                            "check --hub-model-id and that your token may write there.") from None
     log.info("will upload to https://huggingface.co/%s at the end", repo_id)
-    return HubPush(api, repo_id, output_dir, main=True)
+    return HubPush(api, repo_id, output_dir, main=True, checkpoints=bool(config.push_checkpoints))
 
 
 def final_files(output_dir: Path, logging_dir: Path | None = None) -> dict:
@@ -122,13 +123,15 @@ def final_files(output_dir: Path, logging_dir: Path | None = None) -> dict:
 class HubPush:
     """Uploads of one run: checkpoints in the background as they are saved, the rest at the end."""
 
-    def __init__(self, api, repo_id: str, output_dir: Path, main: bool = True):
+    def __init__(self, api, repo_id: str, output_dir: Path, main: bool = True, checkpoints: bool = False):
+        #: ``main``: this process uploads; ``checkpoints``: each checkpoint too (--push-checkpoints)
         self.api, self.repo_id, self.output_dir, self.main = api, repo_id, Path(output_dir), main
+        self.checkpoints = checkpoints
         self.pending: list = []  # (checkpoint name, future)
 
     def checkpoint_saved(self, path: Path) -> None:
         """Start uploading checkpoint ``path`` to ``checkpoint-N/`` in the repo; returns at once."""
-        if not self.main:
+        if not (self.main and self.checkpoints):
             return
         from huggingface_hub import CommitOperationAdd
 

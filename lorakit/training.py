@@ -25,6 +25,7 @@ from lorakit import checkpoints, hub, losscurve, outputs, saveformat, tracking, 
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
+from lorakit.data.samples import first_examples
 from lorakit.errors import LorakitError
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
@@ -46,8 +47,6 @@ class TrainResult:
 class Trainer:
     """Set up a run from a :class:`TrainConfig` (``setup``: models, data, LoRA, optimizer,
     caches, checkpoint), then :meth:`run` it to ``max_steps``."""
-
-    hub = None  # the run's Hub uploader (--push-to-hub), made in setup
 
     def __init__(self, config: TrainConfig, progress=None):
         self.config = validate(config)
@@ -87,8 +86,7 @@ class Trainer:
         self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
         self.dataset = self.pm.hook.build_dataset(config=config, components=self.components, pm=self.pm)
-        if config.max_train_samples:
-            self.dataset = self.dataset.first(config.max_train_samples)
+        self.dataset = first_examples(self.dataset, config.max_train_samples)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = Batches(self.dataset, config, self.resolution, world, rank, self.info.size_multiple)
         config.max_steps = self.batches.run_steps()  # --max-steps or --epochs, as the run config records
@@ -216,8 +214,7 @@ class Trainer:
         examples = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         tracker = self.tracker = tracking.RunTracker(accelerator, config, self.output_dir, self.optimizer, examples)
         tracker.start()
-        if main and validation.first_check_due(config, self.output_dir, self.global_step):
-            self.save_samples()  # the base model's images, to compare the run's with
+        validation.before_training(self)  # step 0: the base model's images, to compare with
         started = time.perf_counter()
         try:
             while self.global_step < config.max_steps:
@@ -232,8 +229,7 @@ class Trainer:
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
                     with guard.deferred():
                         self.save_checkpoint()
-                if main and validation.due(config, self.batches, self.global_step):
-                    self.save_samples()
+                validation.after_step(self)
         except KeyboardInterrupt as stop:
             guard.stopping()
             checkpoints.save_on_stop(self, stop)
@@ -245,8 +241,7 @@ class Trainer:
             progress.finish()
         check_processes_agree(self.accelerator, self.params)
         weights = self.save_final()
-        if self.hub is not None:
-            self.hub.finish(tracking.logging_dir(config))
+        self.hub.finish(tracking.logging_dir(config))
         if guard.received is not None:
             log.warning("%s arrived while writing the final files; the run is complete",
                         signal.Signals(guard.received).name)
@@ -266,8 +261,7 @@ class Trainer:
                                        self.config.checkpoints_limit, process_rng)
         self._say(f"saved {path}")
         losscurve.record(self)  # the losses so far: a resumed run's curve starts at step 1
-        if self.hub is not None and self.config.push_checkpoints:
-            self.hub.checkpoint_saved(path)
+        self.hub.checkpoint_saved(path)
         return path
 
     def save_final(self) -> Path:
@@ -282,15 +276,7 @@ class Trainer:
         return self.output_dir / saveformat.final_files(self.config, self.output_dir)[0]
 
     def save_samples(self):
-        for name in self.lora_configs:
-            self.components[name].eval()
-        with self.cache.encoders_on_device():
-            validation.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
-                                     self.resolution, self.output_dir, self.global_step)
-        for name in self.lora_configs:
-            self.components[name].train()
-        if getattr(self, "tracker", None) is not None:
-            self.tracker.log_samples(self.global_step, self.output_dir / validation.FOLDER)
+        validation.check(self)
 
     def _say(self, text):
         if self.accelerator.is_main_process:

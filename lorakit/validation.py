@@ -76,6 +76,36 @@ def first_check_due(config, output_dir: Path, step: int) -> bool:
     return not all(n in ours and (Path(output_dir) / n).is_file() for n in names)
 
 
+def before_training(trainer) -> None:
+    """Step 0's check (the main process), unless already there (see :func:`first_check_due`)."""
+    if trainer.accelerator.is_main_process and first_check_due(trainer.config, trainer.output_dir, trainer.global_step):
+        trainer.save_samples()
+
+
+def after_step(trainer) -> None:
+    """The check after an optimizer step, when one is due (the main process)."""
+    if trainer.accelerator.is_main_process and due(trainer.config, trainer.batches, trainer.global_step):
+        trainer.save_samples()
+
+
+def check(trainer) -> list[Path]:
+    """One check of a run, at its current step: the LoRA in eval mode, the released encoders
+    back on the device meanwhile, the images written, then logged by the run's trackers."""
+    t = trainer
+    for name in t.lora_configs:
+        t.components[name].eval()
+    try:
+        with t.cache.encoders_on_device():
+            written = write_samples(t.pm, t.components, t.config, t.accelerator.autocast, t.resolution,
+                                    t.output_dir, t.global_step)
+    finally:
+        for name in t.lora_configs:
+            t.components[name].train()
+    if getattr(t, "tracker", None) is not None:
+        t.tracker.log_samples(t.global_step, t.output_dir / FOLDER)
+    return written
+
+
 def write_samples(pm, components, config, autocast, resolution: int, output_dir: Path, step: int) -> list[Path]:
     """One check: the images of every prompt and seed, and their grid (when the arch can
     generate); the paths written."""

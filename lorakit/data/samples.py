@@ -85,6 +85,11 @@ class CaptionedImages:
         return out
 
 
+def first_examples(dataset, count: int | None):
+    """``dataset`` cut to its first ``count`` examples (``--max-train-samples``; None: all)."""
+    return dataset if count is None else dataset.first(count)
+
+
 def file_opener(path: Path):
     """A loader that decodes the image file when called (kept lazy: datasets can be large)."""
 
