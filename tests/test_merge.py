@@ -133,3 +133,22 @@ def test_mistakes_are_one_line(loras, tmp_path):
     with pytest.raises(LorakitError, match="--rank must be at least 1"):
         merge("sd15", [a, b], tmp_path / "x.safetensors", rank=0)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_files_from_before_the_text_model_layout_merge_with_model(loras, tmp_path):
+    """A LoRA written before text-encoder keys gained ``text_model.`` (transformers 5's own paths)
+    merges with a current one given --model; without it the two layouts are refused in one line."""
+    from safetensors.torch import save_file
+
+    model, a, b = loras
+    with safe_open(str(a), framework="pt") as f:
+        header = f.metadata()
+    old = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in load_file(str(a)).items()}
+    assert old.keys() != load_file(str(a)).keys()
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=header)
+    with pytest.raises(LorakitError, match="in two module layouts; pass --model"):
+        merge("sd15", [tmp_path / "old.safetensors", a], tmp_path / "x.safetensors", [0.5, 0.5])
+    got = merge("sd15", [tmp_path / "old.safetensors", a], tmp_path / "m.safetensors", [0.5, 0.5], model=str(model))
+    want = merge("sd15", [a, a], tmp_path / "w.safetensors", [0.5, 0.5])
+    for w, g in zip(_outputs(_pipe(model, want.path)), _outputs(_pipe(model, got.path))):
+        assert (w - g).abs().max().item() < 1e-5
