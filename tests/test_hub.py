@@ -240,3 +240,14 @@ def test_final_files_skip_checkpoints_logs_and_the_users_files(tmp_path):
     files = hub.final_files(out, out / "logs")
     assert list(files) == ["README.md", "pytorch_lora_weights.safetensors", "samples/step-000001-0.png"]
     assert files["README.md"] == out / "lorakit_model_card.md"  # the user's README.md stayed theirs
+
+
+def test_hub_private_creates_a_private_repo_and_other_processes_upload_nothing(model, tmp_path, fake_hub):
+    Trainer(config(model, tmp_path / "o", max_steps=1, hub_private=True)).setup().run()
+    assert fake_hub.repos == [(REPO, True, True)] and len(fake_hub.commits) == 1
+    # a process other than the main one checks the token but never calls the Hub
+    other = hub.prepare(config(model, tmp_path / "o", checkpoint_every=1, push_checkpoints=True), tmp_path / "o",
+                        main=False)
+    other.checkpoint_saved(tmp_path / "o")
+    other.finish()
+    assert fake_hub.repos == [(REPO, True, True)] and len(fake_hub.commits) == 1
