@@ -75,6 +75,8 @@ def test_what_changes_is_re_encoded_and_nothing_else(model, data, tmp_path, lora
     # the other model's images were encoded by its VAE in o5 already: only its captions are new
     assert run(other, data, tmp_path / "o6", cache)[0].cache.encoded == {"text": n_captions}
     assert run(model, data, tmp_path / "o7", cache)[0].cache.encoded == {}  # the first run's entries still serve
+    # --random-crop: images are encoded every step (each crop differs), nothing new is cached
+    assert run(model, data, tmp_path / "o8", cache, center_crop=False)[0].cache.encoded == {}
 
 
 def test_a_crop_change_re_encodes_only_the_images_it_moves(model, tmp_path):
