@@ -110,14 +110,27 @@ def _write_folder(pipeline, output: Path, facts: dict) -> None:
             if path.is_file():
                 fsutil.fsync_file(path)
         old = None
-        if output.exists():  # empty, or only what an earlier fuse wrote (check_output)
+        if output.exists():  # empty, or only what an earlier fuse wrote (checked again: the load took a while)
+            foreign = _foreign_file(output)
+            if foreign is not None:
+                raise LorakitError(f"--output {output} holds {foreign}, which lorakit did not write; move it away or "
+                                   "choose another --output.")
             old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.lorakit-old-"))
             os.replace(output, old / "old")
-        fsutil.publish(tmp, output)
+        try:
+            fsutil.publish(tmp, output)
+        except BaseException:
+            if old is not None:  # put the earlier fused model back
+                os.replace(old / "old", output)
+                fsutil.remove_tree(old)
+            raise
         if old is not None:
             fsutil.remove_tree(old)
-    except BaseException:
+    except BaseException as exc:
         fsutil.remove_tree(tmp)
+        if isinstance(exc, OSError) and fsutil.is_disk_full(exc):
+            raise LorakitError(f"the disk is full: the fused model for --output {output} was not written (nothing "
+                               "of it is left); free space there or pick another --output.") from None
         raise
 
 
