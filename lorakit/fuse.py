@@ -158,7 +158,15 @@ def fuse(arch: str, model: str, loras, output, overwrite: bool = False, device=N
     check_output(output, single, overwrite)
     pm, pipeline = fused_pipeline(arch, model, loras, device=device, model_config=model_config)
     if single:
-        _write_single_file(pm, pipeline, output)
+        try:
+            _write_single_file(pm, pipeline, output)
+        except OSError as exc:
+            from lorakit.fsutil import is_disk_full
+
+            if not is_disk_full(exc):
+                raise
+            raise LorakitError(f"the disk is full: {output} was not written; free space there or pick another "
+                               "--output.") from None
     else:
         facts = {"arch": arch, "model": str(model), "loras": [{"path": str(spec[0]), "scales": [float(x) for x in spec[1:]]} for spec in loras]}
         _write_folder(pipeline, output, facts)
