@@ -150,13 +150,25 @@ class Keys:
                  if hasattr(v, "get_vocab") and hasattr(v, "model_max_length")]
         return {n: self._once(("tok", n), lambda n=n: tokenizer_fingerprint(self.components[n])) for n in names}
 
+    def _processors(self) -> dict:
+        """transformers image processors / feature extractors among the components (their resize,
+        crop and normalisation shape image encodings, e.g. a CLIP vision encoder's input)."""
+        try:
+            from transformers.feature_extraction_utils import FeatureExtractionMixin
+            from transformers.image_processing_base import ImageProcessingMixin
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return {}
+        kinds = (FeatureExtractionMixin, ImageProcessingMixin)
+        return {n: digest(type(v).__qualname__, v.to_json_string()) for n, v in sorted(self.components.items())
+                if isinstance(v, kinds)}
+
     def _all_but(self, excluded) -> list[str]:
         return self._modules(n for n in sorted(self.components) if n not in excluded)
 
     def image_encoders(self) -> dict:
         """The input encoders (all frozen modules but the denoiser when the arch names none)."""
         names = self._modules(self.info.input_encoders) or self._all_but({self.info.denoiser})
-        return self._once("images", lambda: digest(self._fingerprint(names), self.code()))
+        return self._once("images", lambda: digest(self._fingerprint(names), self._processors(), self.code()))
 
     def text_encoders(self, encoder: str | None) -> str:
         """One prompt encoder (``encode_text``), or every module but the denoiser and the input

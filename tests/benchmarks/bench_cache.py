@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,11 +83,13 @@ def child(spec: dict) -> None:
 
     class FirstStep:
         at = None
+        stamps: list = []
 
         def start(self, total, completed=0):
-            pass
+            self.stamps.append(time.perf_counter())
 
         def update(self, step, **_):
+            self.stamps.append(time.perf_counter())
             if self.at is None:
                 self.at = time.perf_counter()
 
@@ -102,8 +105,10 @@ def child(spec: dict) -> None:
     trainer.run()
     rank = trainer.accelerator.process_index
     to_step1 = (progress.at or time.perf_counter()) - t0
+    per_step = [b - a for a, b in zip(progress.stamps, progress.stamps[1:])][1:]  # the first step warms up
     Path(os.environ["LORAKIT_BENCH_RESULTS"], f"rank-{rank}.json").write_text(json.dumps({
         "rank": rank, "imports_s": imports, "to_step1_s": to_step1, "start_to_step1_s": to_step1 + imports, "fill_s": fill_time.get("s"), "fill_cpu_s": fill_time.get("cpu"),
+        "step_s": statistics.median(per_step) if per_step else None,
         "encoded": dict(trainer.cache.encoded), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
@@ -139,12 +144,16 @@ def main() -> None:
     parser.add_argument("--process-images", type=int, default=2000)
     parser.add_argument("--skip-processes", action="store_true")
     parser.add_argument("--workdir")
+    parser.add_argument("--full-size", action="store_true", help="only the full-size SD1.5 pairs (slow)")
+    parser.add_argument("--pairs", type=int, default=2)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
     from lorakit.tiny import make_tiny_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lorakit-bench-cache-"))
+    if args.full_size:
+        return full_size(work, args.pairs)
     model = work / "model"
     if not model.exists():
         make_tiny_model("sd15", model, seed=0)
@@ -196,6 +205,39 @@ def main() -> None:
               f"must be <= 0.6x); CPU time of the busiest process {two_cpu:.1f}s vs {one_cpu:.1f}s = "
               f"{two_cpu / one_cpu:.2f}x (the wall time where each process has its own core or GPU; load "
               f"average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
+
+
+def full_size(work: Path, pairs: int) -> None:
+    """Full-size SD1.5 architecture (random weights), 128 px, batch 1, the bundled images: peak
+    RSS and median step time cached (disk cache, warm after the first run) vs --no-cache, in
+    interleaved pairs, each run in its own process."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_step_time import build_full_size_sd15
+
+    from lorakit.testing import example_data
+
+    model = work / "sd15-full"
+    if not model.exists():
+        t = time.perf_counter()
+        build_full_size_sd15(model)
+        print(f"built full-size SD1.5 in {time.perf_counter() - t:.0f}s", flush=True)
+    threads = os.cpu_count() or 2
+    runs: dict = {True: [], False: []}
+    for i in range(pairs):
+        for cached in (True, False):
+            out = work / f"out-full-{cached}"
+            shutil.rmtree(out, ignore_errors=True)
+            spec = {**spec_for(model, example_data(), out, work / "cache-full", steps=6), "resolution": 128,
+                    "num_threads": threads, "cache": cached}
+            r = launch(spec)[0]
+            runs[cached].append(r)
+            print(f"pair {i + 1} {'cached' if cached else 'uncached'}: {r['step_s']:.3f} s/step, peak RSS "
+                  f"{r['peak_rss_mb']:.0f} MB", flush=True)
+    med = {k: (statistics.median(r["step_s"] for r in v), statistics.median(r["peak_rss_mb"] for r in v))
+           for k, v in runs.items()}
+    print(f"full-size SD1.5, 128 px, batch 1, {threads} threads: cached {med[True][0]:.3f} s/step, peak RSS "
+          f"{med[True][1]:.0f} MB; uncached {med[False][0]:.3f} s/step, peak RSS {med[False][1]:.0f} MB; RSS ratio "
+          f"{med[True][1] / med[False][1]:.2f} (must be <= 0.85)", flush=True)
 
 
 if __name__ == "__main__":
