@@ -242,3 +242,31 @@ def test_a_second_run_decodes_no_image_to_check_it(model, data, tmp_path, monkey
     second = run(model, data, tmp_path / "b", tmp_path / "cache")[0]
     assert [p.name for p in decoded] == ["broken.png"]  # skipped with a warning, as before; nothing else decoded
     assert second.cache.encoded == {} and len(second.dataset) == images_in(data) - 1
+
+
+def test_a_dataset_on_disk_is_cached_by_row_content(model, tmp_path):
+    """A save_to_disk dataset: rows are keyed by their image bytes, so a copy of the dataset
+    reuses every entry and a changed row re-encodes that row only."""
+    import io
+
+    import datasets
+
+    def save(folder, colours):
+        images = []
+        for colour in colours:
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 40), colour).save(buf, format="PNG")
+            images.append({"bytes": buf.getvalue(), "path": None})
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        rows = {"image": images, "text": [f"colour {c}" for c in colours]}
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)]
+    save(tmp_path / "ds", colours)
+    cache = tmp_path / "cache"
+    assert run(model, tmp_path / "ds", tmp_path / "a", cache)[0].cache.encoded == {"images": 4, "text": 4}
+    save(tmp_path / "copy", colours)  # another folder, another fingerprint: the same contents
+    assert run(model, tmp_path / "copy", tmp_path / "b", cache)[0].cache.encoded == {}
+    save(tmp_path / "changed", colours[:3] + [(1, 2, 3)])  # one row's image (and so its caption) changes
+    changed = run(model, tmp_path / "changed", tmp_path / "c", cache)[0]
+    assert changed.cache.encoded == {"images": 1, "text": 1}
