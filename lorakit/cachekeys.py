@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 #: source files whose code shapes every encoding (prepare_image, the VAE helpers)
-_CORE_SOURCES = ("images.py", "archbase.py", "cachekeys.py")
+_CORE_SOURCES = ("images.py", "archbase.py", "pipelines.py", "cachekeys.py")
 
 
 def digest(*parts) -> str:
@@ -96,24 +96,36 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def code_identity(pm, arch: str, device) -> str:
     """The code and libraries that compute encodings: lorakit's version and encoding sources,
-    the plugin modules implementing the encode hooks, torch/diffusers/transformers/PIL."""
+    the plugins implementing the encode hooks (the module, every module of its subpackage, the
+    version of the distribution that installed it), torch/diffusers/transformers/PIL."""
     import importlib.metadata as md
 
     import lorakit
 
     sources = [Path(lorakit.__file__).parent / name for name in _CORE_SOURCES]
+    tops = set()
     for hook in (pm.hook.encode_images, pm.hook.encode_prompt, pm.hook.encode_text):
         for impl in hook.get_hookimpls():
+            module = inspect.getmodule(impl.function)
             try:
-                sources.append(Path(inspect.getsourcefile(impl.function)))
+                path = Path(inspect.getsourcefile(impl.function))
             except TypeError:  # pragma: no cover - a builtin has no source
                 sources.append(Path(repr(impl.function)))
+                continue
+            sources.append(path)
+            name = getattr(module, "__name__", "")
+            tops.add(name.split(".")[0])
+            in_subpackage = name.count(".") >= (1 if path.name == "__init__.py" else 2)
+            if in_subpackage:  # a plugin package: its helpers (encoder I/O, preprocessing) count too
+                sources += sorted(path.parent.glob("*.py"))
     h = hashlib.sha256()
     for path in dict.fromkeys(sources):
         h.update(str(path.name).encode())
         h.update(path.read_bytes() if path.is_file() else str(path).encode())
+    installed = md.packages_distributions()
+    plugin_dists = sorted({d for top in tops for d in installed.get(top, ()) if d != "lorakit"})
     versions = {}
-    for dist in ("torch", "diffusers", "transformers", "pillow", "numpy"):
+    for dist in ("torch", "diffusers", "transformers", "pillow", "numpy", *plugin_dists):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
