@@ -203,3 +203,36 @@ def test_a_sharded_accelerate_setup_is_refused_not_ignored(kind):
         check_data_parallel(Launched())
     Launched.distributed_type = DistributedType.MULTI_GPU
     check_data_parallel(Launched())
+
+
+def test_data_workers_change_nothing_but_speed(tmp_path, lorakit_tiny_model, monkeypatch):
+    """--num-workers decodes and augments a batch's images on threads; each image's crop and
+    flip are keyed on (seed, epoch, sample), so 0 and 2 workers train identical weights, on the
+    uncached path (random crops: images prepared every step) and when filling the cache."""
+    import threading
+
+    from lorakit.batches import Batches
+    from lorakit.testing import tiny_config
+    from lorakit.training import train
+
+    seen = set()
+    prepared = Batches.prepared
+
+    def spying(self, prepare, samples, augments):
+        def marked(sample, augment):
+            seen.add(threading.current_thread().name.split("_")[0])
+            return prepare(sample, augment)
+
+        return prepared(self, marked, samples, augments)
+
+    monkeypatch.setattr(Batches, "prepared", spying)
+    model = lorakit_tiny_model("sd15")
+    for crop in (False, True):
+        runs = {}
+        for workers in (0, 2):
+            seen.clear()
+            config = tiny_config("sd15", model, example_data(), tmp_path / f"w{workers}-{crop}", max_steps=3,
+                                 batch_size=4, random_flip=True, center_crop=not crop, num_workers=workers)
+            runs[workers] = weights(train(config).output_dir)
+            assert seen == ({"lorakit-data"} if workers else {"MainThread"})
+        assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
