@@ -60,6 +60,13 @@ class ArchInfo:
     #: Precision ``lorakit generate`` runs the pipeline in on a GPU ("float16" or "bfloat16",
     #: the model's native one); fp32 on CPU.
     inference_dtype: str = "float16"
+    #: Key prefixes that together mark a single-file checkpoint (original ldm/SGM layout) of this
+    #: arch; empty = ``--model FILE.safetensors`` is refused. The file is read by the
+    #: ``from_single_file`` of ``pipeline_class`` (see :mod:`lorakit.singlefile`).
+    single_file_keys: tuple = ()
+    #: How ``lorakit tiny --single-file`` writes each component into one file:
+    #: ``{component: (key prefix, layout)}``, layouts as in :mod:`lorakit.ldm`.
+    single_file_layout: dict = field(default_factory=dict)
 
     @property
     def recognised_classes(self) -> tuple:

@@ -181,6 +181,10 @@ def load_vae(config, model_path: Path, device, weight_dtype, fallback_dtype=None
 
     if not config.vae:
         return AutoencoderKL.from_pretrained(model_path, subfolder="vae", dtype=fallback_dtype or torch.float32).to(device)
+    if Path(config.vae).expanduser().is_file():  # a single-file VAE, read with the model's vae/ config
+        from lorakit.singlefile import vae_from_file
+
+        return vae_from_file(config.vae, model_path, weight_dtype).to(device)
     source = resolve_model(config.vae, flag="--vae")
     if (source / "vae" / "config.json").is_file():  # a whole pipeline folder: take its VAE
         subfolder = "vae"

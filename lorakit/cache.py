@@ -6,6 +6,11 @@ outputs are computed once per distinct caption even while another encoder trains
 (that one runs inside the step, with gradients). Without ``encode_text``, prompts are cached
 all-or-nothing through ``encode_prompt``. Once every frozen input is cached, the encoders
 that produced it are released from the device (see :meth:`EncodingCache.release`).
+
+With ``--disk-cache`` (the default) the encodings live in the persistent, memory-mapped
+cache of :mod:`lorakit.diskcache`: only missing entries are encoded (split between the run's
+processes, :mod:`lorakit.cachefill`), and batches read their rows from disk, so memory does
+not grow with the dataset. ``--no-disk-cache`` keeps this run's encodings in RAM instead.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections import Counter
 
 from lorakit.data import Augment, augment_for, caption_dropped, crop_geometry, prepare_image
 from lorakit.errors import PluginError
@@ -40,12 +46,23 @@ def check_batch_first(out: dict, hook: str, arch: str, rows: int) -> dict:
 class EncodingCache:
     """Encodings of one run's frozen encoders and the micro-batches built from them."""
 
-    def __init__(self, pm, components, config, info, batches, device, trained, reload=None):
+    chunk = CACHE_CHUNK
+
+    def __init__(self, pm, components, config, info, batches, device, trained, reload=None, barrier=None):
         self.pm, self.components, self.config, self.info = pm, components, config, info
         self.batches, self.device, self.trained = batches, device, list(trained)
         self.reload = reload  # () -> freshly loaded components, to bring a dropped encoder back
-        self.image_cache: dict = {}
-        self.prompt_cache: dict = {}
+        self.barrier = barrier or (lambda: None)  # every process of the run waits here
+        self.encoded: Counter = Counter()  # entries this process encoded into the disk cache
+        self.store = None
+        if config.cache and getattr(config, "disk_cache", False):
+            from lorakit.cachekeys import Keys
+            from lorakit.diskcache import ShardStore, cache_folder
+
+            self.store = ShardStore(cache_folder(config), rank=batches.rank)
+            self.keys = Keys(pm, components, info, config.arch, device)
+        self.image_cache = self.lazy()
+        self.prompt_cache = self.lazy()
         self.text_cache: dict = {}
         self.released: list[str] = []
         self.cache_images = config.cache and config.center_crop
@@ -62,6 +79,10 @@ class EncodingCache:
     def fill(self, note=log.info) -> None:
         """Encode every image (both flips if flipping) and caption once, in a fixed order."""
         samples = self.batches.dataset.samples()
+        if self.store is not None:
+            from lorakit.cachefill import fill_disk
+
+            return fill_disk(self, samples, note)
         if self.cache_images:
             flips = (False, True) if self.config.random_flip else (False,)
             todo = [(s, f) for s in samples for f in flips]
@@ -86,6 +107,12 @@ class EncodingCache:
                 _store(self.prompt_cache, chunk, self.encode_prompt(chunk, grad=False))
             for encoder in self.cached_encoders:
                 _store(self.text_cache.setdefault(encoder, {}), chunk, self.encode_text(chunk, encoder, grad=False))
+
+    def lazy(self):
+        """An empty cache of entries: read from the disk cache, or a dict in RAM."""
+        from lorakit.diskcache import LazyEntries
+
+        return {} if self.store is None else LazyEntries(self.store)
 
     # ------------------------------------------------------------------ encoders
     def encode_images(self, prepared) -> dict:
@@ -146,8 +173,9 @@ class EncodingCache:
         dataset = self.batches.dataset if dataset is None else dataset
         samples = [dataset.examples[i][pos] for pos in range(dataset.group_size) for i in indices]
         augments = [self.augment(epoch, s) for s in samples]
-        if self.cache_images and all((s.key, a.flip) in self.image_cache for s, a in zip(samples, augments)):
-            images = _stacked([self.image_cache[(s.key, a.flip)] for s, a in zip(samples, augments)], self.device)
+        rows = _rows(self.image_cache, [(s.key, a.flip) for s, a in zip(samples, augments)]) if self.cache_images else None
+        if rows is not None:
+            images = _stacked(rows, self.device)
             meta = self.meta([self.cached_geometry(s, a) for s, a in zip(samples, augments)])
         else:
             prepared = self.batches.prepared(self.prepare, samples, augments)
@@ -156,14 +184,12 @@ class EncodingCache:
         captions = ["" if caption_dropped(c.seed, epoch, s.random_key, c.caption_dropout) else s.caption for s in samples]
         batch = {**images, **meta, "captions": captions}
         if self.cache_prompts:
-            if all(t in self.prompt_cache for t in captions):
-                batch.update(_stacked([self.prompt_cache[t] for t in captions], self.device))
-            else:
-                batch.update(self.encode_prompt(captions, grad=False))
+            rows = _rows(self.prompt_cache, captions)
+            batch.update(self.encode_prompt(captions, grad=False) if rows is None else _stacked(rows, self.device))
         for encoder in self.cached_encoders + self.fresh_encoders:
-            cached = self.text_cache.get(encoder, {})
-            if all(t in cached for t in captions):
-                batch.update(_stacked([cached[t] for t in captions], self.device))
+            rows = _rows(self.text_cache.get(encoder, {}), captions)
+            if rows is not None:
+                batch.update(_stacked(rows, self.device))
             else:
                 batch.update(self.encode_text(captions, encoder, grad=False))
         for key in sorted({k for s in samples for k in s.extras}):
@@ -233,6 +259,17 @@ class EncodingCache:
 def _store(cache: dict, captions, encoded: dict) -> None:
     for j, caption in enumerate(captions):
         cache[caption] = {k: v[j].detach().to("cpu") for k, v in encoded.items()}
+
+
+def _rows(cache, names) -> list | None:
+    """The cached entries of ``names``, or None when one is missing (or damaged on disk)."""
+    rows = []
+    for name in names:
+        row = cache.get(name)
+        if row is None:
+            return None
+        rows.append(row)
+    return rows
 
 
 def _stacked(rows: list[dict], device) -> dict:

@@ -109,10 +109,7 @@ FOREIGN_FLAGS = {
     "--text_encoder_lr": "--text-encoder-lr",
 }
 #: Flags users bring from other tools for what lorakit does not offer yet: say so plainly.
-NOT_YET = {
-    flag: "lorakit has no Hub upload yet; drop the flag and upload OUTPUT with `hf upload USER/NAME OUTPUT`"
-    for flag in ("--push-to-hub", "--push_to_hub", "--hub-model-id", "--hub_model_id")
-}
+NOT_YET: dict = {}  # (the Hub flags exist now: --push-to-hub, --hub-model-id)
 
 
 class _HintingCommand(TyperCommand):
@@ -170,11 +167,18 @@ def tiny(
     arch: str = typer.Argument(..., help="Arch id, see `lorakit list-archs`."),
     directory: Path = typer.Argument(..., help="Folder to write the model to (new or empty)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
+    single_file: bool = typer.Option(False, "--single-file", help="Also write it as one original-layout "
+                                     "checkpoint, DIRECTORY/model.safetensors (the folder is its --model-config)."),
 ):
     """Write a tiny randomly initialised model (diffusers layout) for demos, tests and bug reports."""
     _quiet_libraries()
-    from lorakit.tiny import make_tiny_model
+    from lorakit.tiny import make_tiny_model, make_tiny_single_file
 
+    if single_file:
+        file = _run(lambda: make_tiny_single_file(arch, directory, seed))
+        typer.echo(f"wrote a tiny {arch} model to {file.parent} and as one file to {file} "
+                   f"(train it with --model {file} --model-config {file.parent})")
+        return
     path = _run(lambda: make_tiny_model(arch, directory, seed))
     typer.echo(f"wrote a tiny {arch} model to {path}")
 
@@ -186,6 +190,8 @@ def train(**values):
     from lorakit.config import build_config
 
     config_file = values.pop("config_file", None)
+    print_config = values.pop("print_config", None)
+    values = {k: (None if isinstance(v, (list, tuple)) and not v else v) for k, v in values.items()}  # a repeatable flag not given
     modes = [m for m in _mode_flags() if values.pop(_mode_param(m), None)]
     values["modes"] = modes or None
     if values.get("output") is not None:
@@ -193,6 +199,10 @@ def train(**values):
 
     def go():
         config = build_config(values, str(config_file) if config_file else None)
+        if print_config:
+            from lorakit.config import config_yaml
+
+            return config_yaml(config)
         from lorakit.progress import make_progress
         from lorakit.training import train as run_training
 
@@ -202,6 +212,9 @@ def train(**values):
             _end_process_group()
 
     result = _run(go)
+    if isinstance(result, str):  # --print-config
+        typer.echo(result, nl=False)
+        return
     typer.echo(f"saved {result.weights} ({result.global_step} steps)")
 
 
@@ -261,9 +274,9 @@ def _train_parameters() -> list:
         choices = f" One of: {', '.join(map(str, option.choices))}." if option.choices else ""
         help_text = (option.help + choices).replace("[", "\\[") + f" \\[default: {shown}]"
         param = typer.Option(None, *option.cli_flags(), help=help_text, rich_help_panel=panel, show_default=False)
+        kind = List[str] if option.multiple else python_type[option.type]  # multiple: --x A --x B
         params.append(
-            inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param,
-                              annotation=Opt[python_type[option.type]])
+            inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=Opt[kind])
         )
 
     for option in CORE_OPTIONS:
@@ -272,6 +285,11 @@ def _train_parameters() -> list:
         "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Opt[Path],
         default=typer.Option(None, "--config", help="TOML, YAML or JSON file of options (keys as the flags); flags win.",
                              rich_help_panel="Run"),
+    ))
+    params.append(inspect.Parameter(
+        "print_config", inspect.Parameter.KEYWORD_ONLY, annotation=Opt[bool],
+        default=typer.Option(None, "--print-config", help="Print the resolved options as a YAML config file "
+                             "(for --config) and exit without training.", rich_help_panel="Run"),
     ))
     for mode, text in _mode_flags().items():
         params.append(inspect.Parameter(
@@ -319,15 +337,19 @@ app.command("train", cls=_HintingCommand)(_train_command)
 @app.command(cls=_HintingCommand)
 def generate(
     arch: str = typer.Option(..., "--arch", help="Architecture id."),
-    model: str = typer.Option(..., "--model", help="Base model: hub id or local folder."),
+    model: str = typer.Option(..., "--model", help="Base model: hub id, local folder or single .safetensors file."),
     prompt: List[str] = typer.Option(..., "--prompt", help="Prompt (repeat for several images)."),
-    lora: List[str] = typer.Option([], "--lora", help="LoRA file or output folder, optionally PATH:SCALE; repeatable."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file (lorakit/diffusers, kohya/A1111/ComfyUI, diffusers-example, PEFT) or output folder; PATH:W sets its strength, PATH:W:TEW a separate text-encoder strength; repeatable."),
     output: Path = typer.Option(Path("lorakit-image.png"), "--output", help="Image path (index added for several)."),
     steps: int = typer.Option(25, help="Inference steps."),
     resolution: Optional[int] = typer.Option(None, help="Image size [the model's native]."),
     seed: int = typer.Option(0, help="Seed."),
     guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale [pipeline default]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing image files."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help="With a single-file --model: diffusers "
+                                               "folder or hub id supplying its configs (needed offline)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of a hub --model."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Weight variant of --model (e.g. fp16)."),
 ):
     """Generate images with a base model and one or several LoRAs."""
     _quiet_libraries()
@@ -347,7 +369,8 @@ def generate(
         blocked = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise LorakitError(f"--output {output}: {blocked} is a file, so the image cannot go there; pick another path.")
-        images = run_generate(arch, model, prompt, specs, steps=steps, resolution=resolution, seed=seed, guidance_scale=guidance_scale)
+        images = run_generate(arch, model, prompt, specs, steps=steps, resolution=resolution, seed=seed, guidance_scale=guidance_scale,
+                              model_config=model_config, revision=revision, variant=variant)
         for image, target in zip(images, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target)
@@ -359,14 +382,14 @@ def generate(
 
 @app.command(cls=_HintingCommand)
 def convert(
-    source: Path = typer.Argument(..., help="LoRA to convert: a .safetensors file (lorakit/diffusers or kohya/A1111/ComfyUI) or a training output folder."),
+    source: Path = typer.Argument(..., help="LoRA to convert: a .safetensors file (lorakit/diffusers, kohya/A1111/ComfyUI, diffusers-example or PEFT; the format is read from its keys) or a training output folder."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),
     arch: str = typer.Option(..., "--arch", help="Architecture the LoRA was trained for."),
-    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts) or diffusers (lorakit's own; also --to lorakit)."),
-    model: str = typer.Option("", "--model", help="Base model (hub id or folder) whose layer names the file uses; needed to read a kohya file, and for archs whose kohya names follow the model's config (default: the training run's model)."),
+    to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, kohya's sd-scripts), diffusers (lorakit's own; also --to lorakit), diffusers-example (no header; alpha folded into the weights) or peft (one model's LoRA; adapter_config.json beside it)."),
+    model: str = typer.Option("", "--model", help="Base model (hub id or folder) whose layer names the file uses; needed to read a kohya file, and for archs whose kohya names follow the model's config; tells a PEFT file's component (default: the training run's model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ):
-    """Convert a LoRA between lorakit's (diffusers) format and kohya's (A1111, ComfyUI)."""
+    """Convert a LoRA between lorakit's (diffusers), kohya's (A1111, ComfyUI), diffusers-example and PEFT formats."""
     _quiet_libraries()
 
     def go():
@@ -375,6 +398,14 @@ def convert(
         return convert_lora(arch, source, target, to, model=model or None, overwrite=overwrite)
 
     typer.echo(f"wrote {_run(go)}")
+
+
+
+from lorakit.cli_combine import fuse as _fuse_command  # noqa: E402
+from lorakit.cli_combine import merge as _merge_command  # noqa: E402
+
+app.command("merge", cls=_HintingCommand)(_merge_command)
+app.command("fuse", cls=_HintingCommand)(_fuse_command)
 
 
 def main():

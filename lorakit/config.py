@@ -18,10 +18,12 @@ from lorakit.options import Option, by_name
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
-_RUN, _DATA, _LORA, _OPT, _CKPT, _SYS = "Run", "Data", "LoRA", "Optimisation", "Checkpoints and samples", "System"
-_TRACK = "Tracking"
+_RUN, _DATA, _LORA, _OPT, _CKPT, _SYS = "Run", "Data", "LoRA", "Optimiser", "Checkpoints", "Precision and speed"
+_TRACK, _VAL, _HUB, _CARD = "Tracking", "Validation samples", "Hub", "Model card"
 #: --report-to's choices (see lorakit.tracking).
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
+#: --optimizer's choices (see lorakit.optimizers).
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
 CORE_OPTIONS = (
     Option("arch", str, "", "Architecture id (see `lorakit list-archs`).", panel=_RUN, resume=True, default_text="required"),
@@ -30,6 +32,12 @@ CORE_OPTIONS = (
     Option("output", str, "", "Folder for the LoRA, checkpoints and config.", panel=_RUN, default_text="required"),
     Option("vae", str, None, "Replacement image encoder (the VAE or the arch's equivalent), hub id or folder; see docs/archs.",
            panel=_RUN, default_text="the model's"),
+    # single-file models and hub revisions/variants (lorakit.models, lorakit.singlefile, lorakit.variants)
+    Option("model_config", str, None, "With a single-file --model: diffusers folder or hub id supplying its configs "
+           "and tokenizers (needed offline).", panel=_RUN, default_text="diffusers' default for the file"),
+    Option("revision", str, None, "Branch, tag or commit of a hub --model.", panel=_RUN, default_text="main"),
+    Option("variant", str, None, "Weight variant of a hub or folder --model (e.g. fp16: *.fp16.safetensors).",
+           panel=_RUN, default_text="the plain weights"),
     Option("caption_column", str, None, "Caption column of metadata.jsonl / dataset.", panel=_DATA, default_text="text"),
     Option("image_column", str, None, "Image column of a dataset.", panel=_DATA, default_text="image"),
     Option("resolution", int, None, "Training size in pixels: the square side, or with --buckets the target area's side.",
@@ -42,8 +50,14 @@ CORE_OPTIONS = (
     Option("caption_dropout", float, 0.0, "Probability of training on an empty caption.", minimum=0, maximum=1,
            exclusive_maximum=True, panel=_DATA),
     Option("cache", bool, True, "Encode images and captions once and cache them (--no-cache: every step).", panel=_DATA),
+    Option("disk_cache", bool, True, "Keep the cached encodings on disk (memory-mapped, reused by later runs and "
+           "resumes); --no-disk-cache: in RAM for this run only.", panel=_DATA),
+    Option("cache_dir", str, None, "Folder of the persistent encoding cache (--disk-cache).", panel=_DATA,
+           default_text="$LORAKIT_CACHE_DIR/encodings, else ~/.cache/lorakit/encodings"),
     Option("num_workers", int, 0, "Threads decoding and augmenting a batch's images (0: none).", minimum=0, panel=_DATA,
-           aliases=("dataloader_workers",)),
+           aliases=("dataloader_workers",), flags=("--num-workers", "--dataloader-workers")),
+    Option("max_train_samples", int, None, "Train on the first N examples of the data only (in the data's order).",
+           minimum=1, panel=_DATA, resume=True, default_text="all"),
     Option("rank", int, 4, "LoRA rank.", minimum=1, panel=_LORA, resume=True),
     Option("alpha", float, None, "LoRA alpha.", minimum=0, exclusive_minimum=True, panel=_LORA, resume=True,
            default_text="= rank"),
@@ -56,8 +70,14 @@ CORE_OPTIONS = (
            panel=_LORA, default_text="= --learning-rate"),
     Option("init_lora_weights", str, "gaussian", "Initialisation of the LoRA matrices.", choices=("gaussian", "default"),
            panel=_LORA, resume=True),
+    Option("init_lora", str, None, "Start from an existing LoRA file (lorakit/diffusers, kohya/A1111, diffusers-example "
+           "or PEFT): its rank, alpha and targets are used, its weights are step 0.", panel=_LORA, resume=True),
     Option("learning_rate", float, 1e-4, "Learning rate.", minimum=0, exclusive_minimum=True, panel=_OPT,
            flags=("--learning-rate", "--lr"), aliases=("lr",)),
+    Option("optimizer", str, "adamw", "Optimizer: adamw (torch), adamw8bit (bitsandbytes, GPU), prodigy (prodigyopt; "
+           "use --learning-rate 1), adafactor (transformers).", choices=OPTIMIZERS, panel=_OPT, resume=True),
+    Option("scale_lr", bool, False, "Multiply the learning rate(s) by gradient accumulation x batch size x processes.",
+           panel=_OPT),
     Option("adam_beta1", float, 0.9, "AdamW beta1.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
     Option("adam_beta2", float, 0.999, "AdamW beta2.", minimum=0, maximum=1, exclusive_maximum=True, panel=_OPT),
     Option("adam_weight_decay", float, 1e-2, "AdamW weight decay.", minimum=0, panel=_OPT),
@@ -71,26 +91,47 @@ CORE_OPTIONS = (
     Option("lr_warmup_steps", int, 0, "Warm-up steps of the LR schedule.", minimum=0, panel=_OPT),
     Option("max_grad_norm", float, 1.0, "Clip gradients to this norm; 0 disables.", minimum=0, panel=_OPT),
     Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
-           panel=_OPT, resume=True, default_text="accelerate's (launch flag or config file), else no"),
-    Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_OPT),
+           panel=_SYS, resume=True, default_text="accelerate's (launch flag or config file), else no"),
+    Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_SYS),
+    Option("allow_tf32", bool, False, "Allow TF32 matmuls on Ampere and newer GPUs (faster; no effect on CPU).", panel=_SYS),
     Option("seed", int, 0, "Seed for everything random.", minimum=0, maximum=2**32 - 1, panel=_OPT, resume=True),
     Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
     Option("checkpoints_limit", int, None, "Keep only the newest N checkpoints.", minimum=1, panel=_CKPT,
            default_text="all"),
     Option("resume", str, None, "'latest' or a checkpoint folder to continue from.", panel=_CKPT),
     Option("overwrite", bool, False, "Replace an earlier run in --output.", panel=_CKPT),
-    Option("validation_prompt", str, None, "Prompt for sample images during training.", panel=_CKPT),
-    Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_CKPT),
+    Option("save_format", str, None, "Final LoRA file(s): diffusers (pytorch_lora_weights.safetensors), kohya "
+           "(OUTPUT/<folder name>.safetensors for A1111, ComfyUI, kohya) or both.", choices=("diffusers", "kohya", "both"),
+           panel=_CKPT, default_text="both where the arch has a kohya layout, else diffusers"),
+    Option("validation_prompt", list, None, "Prompt for sample images before, during and after training "
+           "(repeat the flag for several; a list in a config file).", panel=_VAL, multiple=True),
+    Option("num_validation_images", int, 1, "Sample images per prompt (seeds --seed, --seed+1, ...).", minimum=1,
+           panel=_VAL),
+    Option("validation_every", int, None, "Write sample images every N steps.", minimum=1, panel=_VAL),
+    Option("validation_epochs", int, None, "Write sample images every N epochs.", minimum=1, panel=_VAL),
+    Option("validation_steps", int, 25, "Inference steps per sample image.", minimum=1, panel=_VAL),
+    Option("validation_guidance", float, None, "Guidance scale of the sample images.", minimum=0, panel=_VAL,
+           default_text="the arch's"),
     Option("report_to", str, None, "Experiment tracker for losses, learning rates, gradient norms and samples.",
            choices=REPORT_TO, panel=_TRACK, default_text="tensorboard if installed, else none"),
     Option("logging_dir", str, None, "Folder the trackers write to.", panel=_TRACK, default_text="OUTPUT/logs"),
     Option("run_name", str, None, "The run's name in the tracker (TensorBoard: a subfolder of --logging-dir).",
            panel=_TRACK, default_text="the --output folder's name"),
+    Option("push_to_hub", bool, False, "Upload the LoRA, model card and samples to the Hugging Face Hub at the end "
+           "(token: HF_TOKEN or `hf auth login`; checked before training).", panel=_HUB),
+    Option("hub_model_id", str, None, "Hub repo to upload to, USER/NAME or NAME.", panel=_HUB,
+           default_text="your account / the --output folder's name"),
+    Option("hub_private", bool, False, "Make the Hub repo private when it is created.", panel=_HUB),
+    Option("push_checkpoints", bool, False, "Also upload each checkpoint as it is saved (in the background).",
+           panel=_HUB),
+    Option("license", str, None, "License id for the model card's front matter (e.g. openrail++, mit).", panel=_CARD,
+           default_text="the local base model's card's, else none"),
     Option("num_threads", int, None, "CPU threads for torch.", minimum=1, panel=_SYS, default_text="torch's default"),
 )
 CORE = by_name(CORE_OPTIONS)
 #: Not options but part of every config: the active modes (the CLI's --<mode> flags).
-RUN_KEYS = ("modes",)
+RUN_KEYS = ("modes", "model_sha256", "init_lora_sha256")  # model_sha256: a single-file --model's, set when it loads
+# init_lora_sha256: the --init-lora file's, set when it is read
 
 
 class TrainConfig:
@@ -160,7 +201,8 @@ def resume_keys(config) -> list[str]:
         options = run_options(config.arch, config.modes)
     except LorakitError:
         options = CORE
-    return sorted([name for name, o in options.items() if o.resume] + ["modes"])
+    return sorted([name for name, o in options.items() if o.resume] + ["modes"]
+                  + [k for k in ("model_sha256", "init_lora_sha256") if k in config._values])  # the same single file on resume
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -217,6 +259,14 @@ def build_config(cli_values: dict, config_file: str | None = None) -> TrainConfi
     return config
 
 
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved options as a YAML config file (``--print-config``): every option of the run
+    by the key a config file takes; ``--config`` of it gives the same config."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=True, allow_unicode=True)
+
+
 def unknown_option_message(key: str, arch: str, modes, where: str = "") -> str:
     """One line for an option the run does not accept: whose option it is, if anyone's."""
     from lorakit.plugins import declared_elsewhere
@@ -250,6 +300,17 @@ def validate(config: TrainConfig) -> TrainConfig:
     pm = get_plugin_manager(config.arch, config.modes)
     info = pm.hook.arch_info()
     _check_core(config, info, pm, options)
+    from lorakit import hub, optimizers, validation
+
+    hub.check_options(config)
+    optimizers.check(config)
+    from lorakit.diskcache import check_cache_dir
+
+    check_cache_dir(config)
+    validation.check_options(config)
+    from lorakit.saveformat import check_save_format
+
+    check_save_format(config, info)
     pm.hook.check_config(config=config, info=info)
     return config
 

@@ -284,6 +284,16 @@ def build_dataset(config, components, pm):
     """
 
 
+@hookspec
+def card_facts(config):
+    """What a mode or arch adds to the model card of a run (every plugin's answer is used).
+
+    Returns ``None`` or a dict with ``front_matter`` (entries merged into the card's YAML
+    front matter; a list extends the card's list of the same key, e.g. ``tags``) and
+    ``lines`` (markdown lines added to the card's list of training facts).
+    """
+
+
 @hookspec(firstresult=True)
 def reduce_loss(per_sample_loss, batch, config):
     """Reduce per-sample losses to the scalar that is back-propagated.

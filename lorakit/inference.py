@@ -7,26 +7,35 @@ from pathlib import Path
 from lorakit.errors import LorakitError, PluginError
 
 
-def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """``path`` or ``path:scale`` -> (path, scale); a path that itself holds ':' is taken whole."""
+def parse_lora_spec(spec: str) -> tuple:
+    """``PATH``, ``PATH:W`` or ``PATH:W:TEW`` -> ``(path, W)`` or ``(path, W, TEW)``: the LoRA's
+    strength on the denoiser and, when given, a separate one on the text encoders. A path that
+    itself holds ':' is taken whole."""
     import math
 
-    from lorakit.errors import LorakitError
     from lorakit.pipelines import resolve_lora_file
 
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).expanduser().exists():
+    def number(text, whole):
         try:
-            scale = float(tail)
+            value = float(text)
         except ValueError:
+            return None
+        if not math.isfinite(value):
+            raise LorakitError(f"--lora {whole}: the scale must be a finite number, got {text}.")
+        return value
+
+    path, scales = spec, []
+    while len(scales) < 2 and not Path(path).expanduser().exists():
+        head, sep, tail = path.rpartition(":")
+        if not (sep and head):
+            break
+        value = number(tail, spec)
+        if value is None:
             if Path(head).expanduser().exists():
-                raise LorakitError(f"--lora {spec}: the scale '{tail}' is not a number; write PATH:0.8.") from None
-        else:
-            if not math.isfinite(scale):
-                raise LorakitError(f"--lora {spec}: the scale must be a finite number, got {tail}.")
-            path = head
-    return resolve_lora_file(path, what="--lora"), scale
+                raise LorakitError(f"--lora {spec}: the scale '{tail}' is not a number; write PATH:0.8 or PATH:0.8:0.5.")
+            break
+        path, scales = head, [value] + scales
+    return (resolve_lora_file(path, what="--lora"), *(scales or [1.0]))
 
 
 def check_request(arch: str, steps: int, resolution, guidance_scale) -> None:
@@ -46,9 +55,13 @@ def check_request(arch: str, steps: int, resolution, guidance_scale) -> None:
 
 
 
-def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, float]], device=None, dtype=None):
+def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple], device=None, dtype=None,
+                             model_config=None, revision=None, variant=None):
+    """The arch's pipeline with ``loras`` (``(path, W)`` or ``(path, W, TEW)``, any format
+    lorakit reads, see :mod:`lorakit.loras`) loaded at their strengths."""
     import torch
 
+    from lorakit.loras import load_lora, scales_of
     from lorakit.models import resolve_model
     from lorakit.plugins import get_plugin_manager
 
@@ -56,25 +69,20 @@ def load_pipeline_with_loras(arch: str, model: str, loras: list[tuple[Path, floa
     for hook in ("load_pipeline", "generate_images"):
         if not getattr(pm.hook, hook).get_hookimpls():
             raise PluginError(f"arch '{arch}' cannot generate images (no {hook} hook).")
+    info = pm.hook.arch_info()
+    scales = [scales_of(spec, info, arch) for spec in loras]  # refused before the model loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:  # the arch's native half precision on a GPU; fp32 on CPU
-        dtype = getattr(torch, pm.hook.arch_info().inference_dtype) if device == "cuda" else torch.float32
-    pipeline = pm.hook.load_pipeline(model_path=resolve_model(model), device=device, dtype=dtype)
+        dtype = getattr(torch, info.inference_dtype) if device == "cuda" else torch.float32
+    path = resolve_model(model, arch=arch, model_config=model_config, revision=revision, variant=variant)
+    pipeline = pm.hook.load_pipeline(model_path=path, device=device, dtype=dtype)
     names = []
-    for i, (path, _) in enumerate(loras):
+    for i, spec in enumerate(loras):
         name = f"lora{i}"
-        try:
-            pm.hook.load_lora(pipeline=pipeline, path=path, adapter_name=name)
-        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or names of another model
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-            first = next((line for line in lines if "size mismatch" in line), lines[0])[:240]
-            raise LorakitError(
-                f"--lora {path} does not fit --arch {arch} with --model {model} ({first}); it was trained "
-                "for another model or arch."
-            ) from None
+        load_lora(pm, pipeline, arch, model, path, Path(spec[0]), name)
         names.append(name)
     if names:
-        pm.hook.set_lora_scales(pipeline=pipeline, adapter_names=names, scales=[s for _, s in loras])
+        pm.hook.set_lora_scales(pipeline=pipeline, adapter_names=names, scales=scales)
     return pm, pipeline
 
 
@@ -82,18 +90,23 @@ def generate(
     arch: str,
     model: str,
     prompts: list[str],
-    loras: list[tuple[Path, float]] = (),
+    loras: list[tuple] = (),
     steps: int = 25,
     resolution: int | None = None,
     seed: int = 0,
     guidance_scale: float | None = None,
     device=None,
+    model_config: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ):
-    """Images for ``prompts`` from the base ``model`` with ``loras`` (path, scale) applied."""
+    """Images for ``prompts`` from the base ``model`` with ``loras`` (path, W[, TEW]) applied
+    (``model_config``, ``revision``, ``variant``: as :func:`lorakit.models.resolve_model` takes them)."""
     import torch
 
     check_request(arch, steps, resolution, guidance_scale)
-    pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device)
+    pm, pipeline = load_pipeline_with_loras(arch, model, list(loras), device=device, model_config=model_config,
+                                            revision=revision, variant=variant)
     generator = torch.Generator().manual_seed(seed)
     return pm.hook.generate_images(
         pipeline=pipeline,

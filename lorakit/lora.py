@@ -40,16 +40,62 @@ def make_lora_config(config, targets: list[str]):
     )
 
 
-def adapter_metadata(lora_config) -> dict:
-    """The LoRA config as a JSON-able dict, stored in the safetensors header for exact reloads."""
-    meta = lora_config.to_dict()
+#: Always written: what shapes the reloaded adapter, known to every peft that diffusers loads
+#: with (diffusers 0.39 reads ``rank_pattern`` unconditionally: a KeyError without it).
+ALWAYS_WRITTEN = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+#: Never written: bookkeeping that changes nothing at load time and that older peft refuses
+#: (``LoraConfig(peft_version=...)`` is a TypeError in peft 0.17).
+NEVER_WRITTEN = ("peft_version",)
+
+
+def _jsonable(meta: dict) -> dict:
     for key, value in list(meta.items()):
         if isinstance(value, (set, frozenset, tuple)):
             meta[key] = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     return json.loads(json.dumps(meta, default=str))
 
 
-def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict:
+def adapter_metadata(lora_config) -> dict:
+    """The LoRA config as a JSON-able dict, stored in the safetensors header for exact reloads.
+
+    Only the fields that differ from a default ``LoraConfig`` (plus :data:`ALWAYS_WRITTEN`) are
+    written: diffusers builds ``LoraConfig(**metadata)``, and every field the newest peft adds
+    (9 between peft 0.17 and 0.21, all at their defaults here) is a ``TypeError`` in an older
+    one. A field left out takes the same default on reload, so the reload stays exact; a
+    non-default field an old peft does not know still fails loudly rather than loading wrong.
+    """
+    from peft import LoraConfig
+
+    meta, default = _jsonable(lora_config.to_dict()), _jsonable(LoraConfig().to_dict())
+    return {
+        key: value
+        for key, value in meta.items()
+        if key not in NEVER_WRITTEN and (key in ALWAYS_WRITTEN or key not in default or value != default[key])
+    }
+
+
+def checkpoint_layout(module, state: dict) -> dict:
+    """``state``'s keys in the module-path layout of the model's checkpoints, which loaders
+    under transformers 4 and 5 both read: transformers 5 dropped a level of some models'
+    paths (``CLIPTextModel``'s ``text_model``) and records that in its checkpoint conversion
+    mapping; older stacks (diffusers 0.32-0.39 with transformers 4) need the level, and
+    diffusers under transformers 5 strips it again."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # transformers 4: module paths are the checkpoint's already
+        return state
+    prefixes = [
+        c.prefix_to_remove
+        for c in get_checkpoint_conversion_mapping(type(module).__name__) or ()
+        if isinstance(c, PrefixChange) and c.prefix_to_remove and not c.model_prefix and not hasattr(module, c.prefix_to_remove)
+    ]
+    for prefix in prefixes:
+        state = {k if k.startswith(prefix + ".") else f"{prefix}.{k}": v for k, v in state.items()}
+    return state
+
+
+def inject_lora(components: dict, targets: dict[str, list[str]], config, lora_configs: dict | None = None) -> dict:
     """Add a LoRA adapter to each targeted component; return ``{name: LoraConfig}``.
 
     Every target name must match at least one layer of its component (as PEFT matches: the
@@ -67,7 +113,8 @@ def inject_lora(components: dict, targets: dict[str, list[str]], config) -> dict
         if not isinstance(module, torch.nn.Module):
             raise LorakitError(f"LoRA target component '{name}' is not a model of this arch; check --target-modules.")
         check_targets_match(module, name, module_targets, config)
-        lora_config = make_lora_config(config, module_targets)
+        # lora_configs: given per component by --init-lora (the file's rank/alpha patterns)
+        lora_config = (lora_configs or {}).get(name) or make_lora_config(config, module_targets)
         try:
             inject_adapter_in_model(lora_config, module, adapter_name=ADAPTER)
         except ValueError as exc:
@@ -164,7 +211,7 @@ def lora_layers(components: dict, lora_configs: dict) -> dict:
     for name, cfg in lora_configs.items():
         state = lora_state_dict(components[name])
         check_finite(state, name)
-        out[name] = (state, adapter_metadata(cfg))
+        out[name] = (checkpoint_layout(components[name], state), adapter_metadata(cfg))
     return out
 
 

@@ -46,6 +46,9 @@ class Option:
     aliases: tuple = ()
     #: Shown in the help instead of the default (e.g. "the model's native size").
     default_text: str | None = None
+    #: A ``list`` option whose items may hold commas (prompts): repeat the flag on the CLI
+    #: (``--x A --x B``); a config file gives a list or one string, never split at commas.
+    multiple: bool = False
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -79,7 +82,7 @@ class Option:
         if self.type is bool:
             return "yes" if self.default else "no"
         if self.type is list:
-            return ",".join(self.default) or "none"
+            return (" | " if self.multiple else ",").join(self.default) or "none"
         return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
 
     # -- values ---------------------------------------------------------------------------
@@ -96,6 +99,8 @@ class Option:
                 return value.lower() in ("true", "yes", "1")
             raise LorakitError(f"{where}: '{self.flag.lstrip('-')}' must be true or false, got {value!r}.")
         if kind is list:
+            if isinstance(value, str) and self.multiple:
+                return [value]
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -296,48 +296,14 @@ def disk_full(output_dir: Path, need: int | None, what: str) -> LorakitError:
     )
 
 
-def write_samples(pm, components, config, autocast, resolution: int, folder: Path, step: int) -> None:
-    """Sample images of ``config.validation_prompt`` (when the arch can generate)."""
-    import io
-
-    import torch
-
-    pipeline = pm.hook.build_pipeline(components=components, config=config)
-    if pipeline is None or not pm.hook.generate_images.get_hookimpls():
-        return
-    generator = torch.Generator().manual_seed(config.seed)
-    # autocast: frozen weights may be bf16/fp16 next to an fp32 VAE
-    with torch.no_grad(), autocast():
-        images = pm.hook.generate_images(
-            pipeline=pipeline, prompts=[config.validation_prompt], generator=generator,
-            num_inference_steps=25, resolution=resolution, guidance_scale=None,
-        )
-    output_dir = folder.parent
-    if not folder.is_dir():
-        record(output_dir, folder.name)
-        folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        name = f"{folder.name}/step-{step:06d}-{i}.png"
-        try:
-            path = _claim(output_dir, name)
-        except LorakitError:
-            log.warning("%s/%s is not lorakit's; sample image not written", output_dir, name)
-            continue
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        _write_sample(output_dir, path, buffer.getvalue())
-
-
-@_one_line_when_disk_full("sample images")
-def _write_sample(output_dir: Path, path: Path, data: bytes) -> None:
-    fsutil.replace_file(path, data)
+# sample images: lorakit.validation
 
 
 @_one_line_when_disk_full("the model card")
-def write_model_card(output_dir: Path, config, info, steps: int) -> None:
+def write_model_card(output_dir: Path, config, info, steps: int, pm=None) -> None:
     from lorakit.card import model_card
 
-    text = model_card(config, info, steps)
+    text = model_card(config, info, steps, pm=pm, output_dir=output_dir)
     name = "README.md"
     card = output_dir / name
     if (card.exists() or card.is_symlink()) and name not in _ours(output_dir):  # the user's README stays

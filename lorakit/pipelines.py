@@ -19,7 +19,12 @@ def resolve_lora_file(path, what: str = "LoRA") -> Path:
     if not file.exists():
         raise LorakitError(f"{what} {path} does not exist; pass a .safetensors file or a training output folder.")
     if file.is_dir():
-        file = file / WEIGHT_NAME
+        folder = file
+        # a run's diffusers file; else its kohya file (--save-format kohya); else a PEFT folder's
+        candidates = [folder / WEIGHT_NAME, folder / "adapter_model.safetensors"]
+        if (folder / "lorakit_config.json").is_file():
+            candidates.insert(1, folder / f"{folder.resolve().name}.safetensors")
+        file = next((c for c in candidates if c.is_file()), folder / WEIGHT_NAME)
         if not file.is_file():
             raise LorakitError(f"{what} {path} holds no {WEIGHT_NAME}; pass the file itself.")
     if file.suffix != ".safetensors":

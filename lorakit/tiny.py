@@ -118,6 +118,29 @@ def make_tiny_model(arch: str, path, seed: int = 0):
     return path
 
 
+#: Name of the single-file checkpoint ``lorakit tiny --single-file`` writes inside the model folder.
+SINGLE_FILE_NAME = "model.safetensors"
+
+
+def make_tiny_single_file(arch: str, path, seed: int = 0):
+    """A tiny model of ``arch`` at ``path`` (the diffusers folder, which serves as its
+    ``--model-config``) plus the same weights as one original-layout checkpoint,
+    ``path/model.safetensors``; returns the file."""
+    from lorakit.errors import LorakitError
+    from lorakit.ldm import write_single_file
+    from lorakit.plugins import arch_info
+
+    layout = arch_info(arch).single_file_layout
+    if not layout:
+        raise LorakitError(f"--arch {arch} has no single-file layout; `lorakit tiny {arch}` without --single-file "
+                           "writes its diffusers folder.")
+    folder = make_tiny_model(arch, path, seed)
+    file = folder / SINGLE_FILE_NAME
+    if not file.is_file():
+        write_single_file(folder, layout, file)
+    return file
+
+
 def _mark_tiny(path, arch: str) -> None:
     """Record in model_index.json that this folder is a lorakit tiny model (diffusers ignores
     keys starting with an underscore)."""

@@ -142,7 +142,7 @@ class RunTracker:
         self.accelerator.log(values, step=step)
 
     def log_samples(self, step: int, folder: Path) -> None:
-        """The sample images written for ``step`` (``samples/step-<step>-<i>.png``), as images."""
+        """The sample images written for ``step`` (``samples/step-<step>-<k>.png``), as images."""
         if not self.active:
             return
         import numpy as np
@@ -152,8 +152,12 @@ class RunTracker:
 
         # only lorakit's own files: a user's file of the same name is left unwritten, so not logged
         ours = set(outputs.recorded(self.output_dir) or ())
-        paths = [p for p in sorted(Path(folder).glob(f"step-{step:06d}-*.png"))
-                 if f"{Path(folder).name}/{p.name}" in ours]
+        from lorakit.validation import IMAGE
+
+        # each prompt x seed image (not the grid), in their order
+        paths = sorted((p for p in Path(folder).glob(f"step-{step:06d}-*.png")
+                        if IMAGE.match(p.name) and f"{Path(folder).name}/{p.name}" in ours),
+                       key=lambda p: int(IMAGE.match(p.name).group(2)))
         if not paths:
             return
         images = [Image.open(p).convert("RGB") for p in paths]

@@ -21,16 +21,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, outputs, tracking
+from lorakit import checkpoints, hub, losscurve, outputs, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
+from lorakit.data.samples import first_examples
 from lorakit.errors import LorakitError
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
-from lorakit.state import TrainState, check_processes_agree
+from lorakit.optimizers import make_optimizer, prepare_device
 from lorakit.parallel import check_data_parallel
-from lorakit.step import Stepper, make_optimizer
+from lorakit.state import TrainState, check_processes_agree
+from lorakit.step import Stepper
 
 log = logging.getLogger("lorakit")
 
@@ -77,11 +79,15 @@ class Trainer:
             checkpoints.remove_strays(self.output_dir)
         # first: the precision accelerate's launcher chose is part of the settings a resume checks
         self.accelerator, self.device, self.weight_dtype = _start_accelerator(config)
+        prepare_device(config, self.device)  # e.g. an 8-bit optimizer without a GPU: before the model loads
         resume_from = outputs.check_output_dir(self.output_dir, config)
+        saveformat.check_names_free(self.output_dir, config)
+        self.hub = hub.prepare(config, self.output_dir, self.accelerator.is_main_process)  # before the model loads
         self.model_path = _resolve_model(config, self.info, self.pm)
         self.components = self._load_components()
         self.resolution = checked_resolution(self.config, self.info, self.components.get("default_resolution"))
         self.dataset = self.pm.hook.build_dataset(config=config, components=self.components, pm=self.pm)
+        self.dataset = first_examples(self.dataset, config.max_train_samples)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = Batches(self.dataset, config, self.resolution, world, rank, self.info.size_multiple)
         config.max_steps = self.batches.run_steps()  # --max-steps or --epochs, as the run config records
@@ -97,7 +103,8 @@ class Trainer:
             self.generator, getattr(self.accelerator, "scaler", None), world, rank,
         )
         self.cache = EncodingCache(self.pm, self.components, config, self.info, self.batches, self.device,
-                                   self.lora_configs, reload=self._load_components)
+                                   self.lora_configs, reload=self._load_components,
+                                   barrier=self.accelerator.wait_for_everyone)
         self.stepper = Stepper(self.state, self.cache, self.pm, self.accelerator, self.params, config)
         self.guard.busy = lambda: self.stepper.updating  # an update in progress is finished first
         if self.accelerator.is_main_process:
@@ -138,9 +145,14 @@ class Trainer:
         from lorakit import lora
 
         config, components = self.config, self.components
-        targets = _targets(self.pm, self.info, config, components)
-        torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
-        self.lora_configs = lora.inject_lora(components, targets, config)
+        if config.init_lora:  # the file's layers, ranks and weights (lorakit.initlora)
+            from lorakit import initlora
+
+            self.lora_configs = initlora.inject(self)
+        else:
+            targets = _targets(self.pm, self.info, config, components)
+            torch.manual_seed(config.seed)  # LoRA init is drawn from the global RNG
+            self.lora_configs = lora.inject_lora(components, targets, config)
         self.trained_text_encoders = [n for n in self.lora_configs if n in self.info.text_encoders]
         if config.gradient_checkpointing:
             for name in self.lora_configs:
@@ -203,6 +215,7 @@ class Trainer:
         examples = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         tracker = self.tracker = tracking.RunTracker(accelerator, config, self.output_dir, self.optimizer, examples)
         tracker.start()
+        validation.before_training(self)  # step 0: the base model's images, to compare with
         started = time.perf_counter()
         try:
             while self.global_step < config.max_steps:
@@ -217,10 +230,7 @@ class Trainer:
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
                     with guard.deferred():
                         self.save_checkpoint()
-                every = config.validation_every
-                if config.validation_prompt and every and self.global_step % every == 0 and main:
-                    self.save_samples()
-                    tracker.log_samples(self.global_step, self.output_dir / "samples")
+                validation.after_step(self)
         except KeyboardInterrupt as stop:
             guard.stopping()
             checkpoints.save_on_stop(self, stop)
@@ -232,6 +242,7 @@ class Trainer:
             progress.finish()
         check_processes_agree(self.accelerator, self.params)
         weights = self.save_final()
+        self.hub.finish(tracking.logging_dir(config))
         if guard.received is not None:
             log.warning("%s arrived while writing the final files; the run is complete",
                         signal.Signals(guard.received).name)
@@ -249,25 +260,23 @@ class Trainer:
         path = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
                                        self.config.checkpoints_limit)
         self._say(f"saved {path}")
+        losscurve.record(self)  # the losses so far: a resumed run's curve starts at step 1
+        self.hub.checkpoint_saved(path)
         return path
 
     def save_final(self) -> Path:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            outputs.write_final_lora(self._write_lora, self.output_dir, self.state.estimated_size() // 4)
-            outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step)
+            outputs.write_final_lora(lambda folder: saveformat.write_final(self, folder), self.output_dir,
+                                     self.state.estimated_size() // 4)
+            losscurve.record(self, picture=True)
+            outputs.write_model_card(self.output_dir, self.config, self.info, self.global_step, pm=self.pm)
         # every process returns once the files exist (and none exits while the main one writes)
         self.accelerator.wait_for_everyone()
-        return self.output_dir / WEIGHT_NAME
+        return self.output_dir / saveformat.final_files(self.config, self.output_dir)[0]
 
     def save_samples(self):
-        for name in self.lora_configs:
-            self.components[name].eval()
-        with self.cache.encoders_on_device():
-            outputs.write_samples(self.pm, self.components, self.config, self.accelerator.autocast,
-                                  self.resolution, self.output_dir / "samples", self.global_step)
-        for name in self.lora_configs:
-            self.components[name].train()
+        validation.check(self)
 
     def _say(self, text):
         if self.accelerator.is_main_process:
@@ -290,12 +299,12 @@ def _targets(pm, info, config, components) -> dict:
 def _resolve_model(config, info, pm):
     """The model folder of ``--model``, checked to be of ``--arch`` (and able to train what is asked)."""
     from lorakit import lora
-    from lorakit.models import check_model_matches, resolve_model
+    from lorakit.models import check_model_matches, resolve_run_model
     from lorakit.plugins import arch_entries, get_plugin_manager
 
     if config.train_text_encoder:  # validate() refused it for an arch without text encoders
         lora.check_text_encoder_lora_support()
-    model_path = resolve_model(config.model)
+    model_path = resolve_run_model(config)  # a single file: its converted diffusers folder
     others = [(a, (lambda a=a: get_plugin_manager(a))) for a in arch_entries()]
     check_model_matches(model_path, config.arch, pm, others)
     return model_path

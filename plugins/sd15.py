@@ -31,6 +31,13 @@ class SD15(DiffusersArch):
         # SD1.x on diffusers' UNet), CLIP's get transformers 4's `text_model` (kohya_module_names)
         kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
         guidance_scale=7.5,
+        # original SD1.x (CLIP: cond_stage_model.transformer) and SD2.x (OpenCLIP: cond_stage_model.model)
+        # checkpoints; SDXL's text encoders live under conditioner.embedders instead
+        single_file_keys=("model.diffusion_model.", "cond_stage_model."),
+        single_file_layout={
+            "unet": ("model.diffusion_model.", "ldm_unet"), "vae": ("first_stage_model.", "ldm_vae"),
+            "text_encoder": ("cond_stage_model.transformer.", "clip"),
+        },
     )
     pipeline_kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

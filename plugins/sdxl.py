@@ -53,6 +53,14 @@ class SDXL(DiffusersArch):
         # kohya's own prefixes (networks/lora.py); the paths after them: kohya_module_names
         kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
         guidance_scale=5.0,
+        # SGM checkpoints: CLIP-L as embedders.0, OpenCLIP bigG as embedders.1 (the refiner has only
+        # an OpenCLIP embedders.0, so it is not taken for a base model)
+        single_file_keys=("model.diffusion_model.", "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+        single_file_layout={
+            "unet": ("model.diffusion_model.", "ldm_unet"), "vae": ("first_stage_model.", "ldm_vae"),
+            "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+            "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
+        },
     )
     inference_scheduler = "EulerDiscreteScheduler"
 

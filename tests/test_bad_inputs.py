@@ -190,9 +190,9 @@ ROWS = [
     Row("model-missing", "train --model (no such folder)", lambda c: c.train(model=c.tmp / "nope"), 'error: --model {tmp}/nope does not exist; pass a local diffusers model folder or a hub id.'),
     Row("model-empty", "train --model ''", lambda c: c.train(model=""), 'error: no --model given; pass a hub id or a local diffusers model folder.'),
     Row("model-ckpt", "train --model model.ckpt (a single-file pickle)",
-        lambda c: c.train(model=c.file("model.ckpt", b"PK\x03\x04 pickle")), 'error: --model {tmp}/model.ckpt is a file; pass a diffusers model folder or a hub id.'),
+        lambda c: c.train(model=c.file("model.ckpt", b"PK\x03\x04 pickle")), 'error: --model {tmp}/model.ckpt is a pickle checkpoint (.ckpt), which lorakit never loads (unpickling can run code); convert it to .safetensors (e.g. a safetensors export of the same model) and pass that.'),
     Row("model-not-safetensors", "train --model model.safetensors (not safetensors inside)",
-        lambda c: c.train(model=c.file("model.safetensors", "hello")), 'error: --model {tmp}/model.safetensors is a file; pass a diffusers model folder or a hub id.'),
+        lambda c: c.train(model=c.file("model.safetensors", "hello")), 'error: --model {tmp}/model.safetensors is not a safetensors file; pass a .safetensors checkpoint, a diffusers folder or a hub id.'),
     Row("model-folder-of-ckpt", "train --model folder holding only model.ckpt",
         lambda c: (c.file("weights/model.ckpt", b"x"), c.train(model=c.tmp / "weights"))[1], 'error: --model {tmp}/weights is not a diffusers model that --arch sd15 can train (no model_index.json; expected StableDiffusionPipeline); pass a diffusers-format folder or hub id.'),
     Row("model-wrong-arch", "train --arch sd15 --model (an SDXL model)", lambda c: c.train(model=_sdxl_folder(c)), 'error: --model {tmp}/sdxl is a StableDiffusionXLPipeline model, which --arch sd15 cannot train; use --arch sdxl.'),
@@ -259,13 +259,13 @@ ROWS = [
         'error: --lora {tmp}/lora.safetensors is not a readable safetensors file (Error while deserializing header: header too small); pass an intact LoRA file.'),
     Row("generate-lora-ckpt", "generate --lora lora.ckpt", lambda c: c.generate("--lora", c.file("lora.ckpt", b"x")), 'error: --lora {tmp}/lora.ckpt is not a .safetensors file; lorakit never unpickles weight files.'),
     Row("generate-lora-bad-scale", "generate --lora PATH:abc", lambda c: c.generate("--lora", f"{c.shared['lora']}:abc"),
-        "error: --lora {shared}/run/pytorch_lora_weights.safetensors:abc: the scale 'abc' is not a number; write PATH:0.8."),
+        "error: --lora {shared}/run/pytorch_lora_weights.safetensors:abc: the scale 'abc' is not a number; write PATH:0.8 or PATH:0.8:0.5."),
     Row("generate-lora-nan-scale", "generate --lora PATH:nan", lambda c: c.generate("--lora", f"{c.shared['lora']}:nan"),
         'error: --lora {shared}/run/pytorch_lora_weights.safetensors:nan: the scale must be a finite number, got nan.'),
     Row("generate-lora-empty-folder", "generate --lora (a folder without a LoRA)",
         lambda c: c.generate("--lora", c.folder("nolora")), 'error: --lora {tmp}/nolora holds no pytorch_lora_weights.safetensors; pass the file itself.'),
     Row("generate-lora-other-arch", "generate --arch sd15 --lora (an SDXL LoRA)", lambda c: c.generate("--lora", c.shared["sdxl_lora"]),
-        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (size mismatch for mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.lora0.weight: copying a param with shape torch.Size([4, 80]) from checkpoint, the shape in current model is torch.Size([4, 32]).); it was trained for another model or arch.'),
+        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: no such layer in the model); it is a LoRA for --arch sdxl.'),
     Row("generate-output-not-image", "generate --output out.txt", lambda c: c.generate("--output", c.tmp / "out.txt"), 'error: --output {tmp}/out.txt has no image file extension PIL can write; use .png or .jpg.'),
     Row("generate-output-exists", "generate --output (exists, no --overwrite)",
         lambda c: c.generate("--output", c.file("img.png", b"mine")), 'error: {tmp}/img.png exists; pass --overwrite or another --output.'),
@@ -273,7 +273,7 @@ ROWS = [
         'error: --output {tmp}/notes.txt/img.png: {tmp}/notes.txt is a file, so the image cannot go there; pick another path.'),
     # ----------------------------------------------------------------- convert
     Row("convert-format", "convert --to onnx", lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sd15", "--to", "onnx"],
-        'error: --to onnx is not a known format; pick one of: kohya, diffusers (same as lorakit).'),
+        'error: --to onnx is not a known format; pick one of: lorakit, kohya, diffusers-example, peft (diffusers = lorakit).'),
     Row("convert-source-missing", "convert (missing source)",
         lambda c: ["convert", c.tmp / "nope.safetensors", c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"], 'error: LoRA {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
     Row("convert-source-not-safetensors", "convert (source is not safetensors)", lambda c: ["convert", c.file("x.safetensors", "hello"), c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"],
@@ -283,13 +283,42 @@ ROWS = [
     Row("convert-target-exists", "convert (target exists, no --overwrite)",
         lambda c: ["convert", c.shared["lora"], c.file("k.safetensors", b"mine"), "--arch", "sd15", "--to", "kohya"], 'error: {tmp}/k.safetensors exists; pass --overwrite or another output path.'),
     Row("convert-target-not-safetensors", "convert ... k.bin",
-        lambda c: ["convert", c.shared["lora"], c.tmp / "k.bin", "--arch", "sd15", "--to", "kohya"], 'error: {tmp}/k.bin must end in .safetensors; kohya-style tools read safetensors files.'),
+        lambda c: ["convert", c.shared["lora"], c.tmp / "k.bin", "--arch", "sd15", "--to", "kohya"], 'error: {tmp}/k.bin must end in .safetensors; lorakit writes LoRA files as safetensors only.'),
     Row("convert-wrong-arch", "convert --arch sdxl (an SD1.5 LoRA)", lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sdxl", "--to", "kohya"],
         'error: LoRA {shared}/run/pytorch_lora_weights.safetensors was trained with --arch sd15 (its lorakit_config.json says so); convert it with --arch sd15.'),
     Row("convert-arch-unknown", "convert --arch sd99",
         lambda c: ["convert", c.shared["lora"], c.tmp / "k.safetensors", "--arch", "sd99", "--to", "kohya"], "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
     Row("convert-already-kohya", "convert (source already kohya format)", lambda c: ["convert", c.shared["kohya"], c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"],
-        'error: {shared}/kohya.safetensors is already in kohya format; pass --to diffusers.'),
+        'error: {shared}/kohya.safetensors is already in kohya format; pass --to diffusers (or another format).'),
+    # ----------------------------------------------------------------- LoRA formats: --save-format, --init-lora, any format in generate/convert
+    Row("save-format-no-kohya-layout", "train --arch kandinsky22 --save-format kohya",
+        lambda c: _with_arch(c.train("--save-format", "kohya"), "kandinsky22"),
+        'error: --save-format kohya: --arch kandinsky22 has no kohya layout (A1111/ComfyUI do not load it); use --save-format diffusers.'),
+    Row("save-format-unknown", "train --save-format ckpt", lambda c: c.train("--save-format", "ckpt"),
+        "error: --save-format must be one of diffusers, kohya, both, got 'ckpt'."),
+    Row("save-format-users-file", "train (OUTPUT/<folder>.safetensors is the user's file)",
+        lambda c: c.train(out=c.file("mine/mine.safetensors", b"the user's").parent),
+        "error: --output {tmp}/mine holds mine.safetensors, which lorakit did not write (the final LoRA goes there); move it away or choose another --output."),
+    Row("init-lora-missing", "train --init-lora (no such file)", lambda c: c.train("--init-lora", c.tmp / "nope.safetensors"),
+        'error: --init-lora {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("init-lora-rank-conflict", "train --init-lora (rank 4) --rank 8", lambda c: c.train("--init-lora", c.shared["kohya"], "--rank", "8"),
+        'error: --rank 8 conflicts with --init-lora {shared}/kohya.safetensors (rank 4); drop --rank, the file decides it.'),
+    Row("init-lora-targets-conflict", "train --init-lora --target-modules to_q", lambda c: c.train("--init-lora", c.shared["kohya"], "--target-modules", "to_q"),
+        'error: --target-modules to_q names other layers than --init-lora {shared}/kohya.safetensors has LoRA on (e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k); drop --target-modules, the file decides them.'),
+    Row("init-lora-other-arch", "train --init-lora (an SDXL LoRA)", lambda c: c.train("--init-lora", c.shared["sdxl_lora"]),
+        "error: --init-lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: no such layer in the model); it is a LoRA for --arch sdxl."),
+    Row("generate-lora-kohya-other-arch", "generate --arch sd15 --lora (an SDXL kohya file)",
+        lambda c: c.generate("--lora", c.shared["sdxl_lora"].parent / "sdxl-run.safetensors"),
+        "error: --lora {shared}/sdxl-run/sdxl-run.safetensors does not fit --arch sd15 with --model {shared}/sd15 (32 of 32 kohya layers for unet match no layer of --model's unet (e.g. lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_k)); it is a LoRA for --arch sdxl."),
+    Row("generate-lora-tew-no-text-encoder", "generate --arch kandinsky22 --lora PATH:1:0.5",
+        lambda c: _with_arch(c.generate("--lora", f"{c.shared['lora']}:1:0.5"), "kandinsky22"),
+        "error: --lora {shared}/run/pytorch_lora_weights.safetensors:1:0.5: --arch kandinsky22 has no text-encoder LoRA, so there is no second strength; write {shared}/run/pytorch_lora_weights.safetensors:1."),
+    Row("convert-unknown-format", "convert (a safetensors file that is no LoRA)",
+        lambda c: ["convert", _single_file(c, "model.safetensors", ["model.weight"]), c.tmp / "k.safetensors", "--arch", "sd15", "--to", "kohya"],
+        "error: LoRA {tmp}/model.safetensors: no LoRA format lorakit knows (first key: model.weight); it reads lorakit/diffusers, kohya/A1111/ComfyUI, diffusers-example and PEFT files."),
+    Row("convert-peft-two-models", "convert --to peft (UNet and text-encoder LoRA)",
+        lambda c: ["convert", c.shared["kohya_te"], c.tmp / "p" / "adapter_model.safetensors", "--arch", "sd15", "--to", "peft", "--model", c.shared["sd15"]],
+        "error: a PEFT file holds one model's LoRA, and this one has LoRA for text_encoder, unet; write it as lorakit, kohya or diffusers-example instead."),
     # ----------------------------------------------------------------- tiny, list-archs
     Row("tiny-arch-unknown", "tiny sd99 DIR", lambda c: ["tiny", "sd99", c.tmp / "m"], "error: unknown arch 'sd99'. Known archs: flux, kandinsky22, kandinsky22-prior, sd15, sd3, sdxl, wuerstchen. See `lorakit list-archs`."),
     Row("tiny-not-empty", "tiny sd15 DIR (not empty)",
@@ -304,7 +333,128 @@ ROWS = [
     Row("epochs-zero", "train --epochs 0", lambda c: c.train("--epochs", "0"), 'error: --epochs must be a positive integer, got 0.'),
     Row("report-to-unknown", "train --report-to mlflow", lambda c: c.train("--report-to", "mlflow"),
         'error: --report-to must be one of tensorboard, wandb, all, none, got \'mlflow\'.'),
+    # ----------------------------------------------------------------- the guide's workflow: Hub, validation, optimisers
+    Row("hub-offline", "train --push-to-hub (HF_HUB_OFFLINE=1)", lambda c: c.train("--push-to-hub"),
+        'error: --push-to-hub cannot reach the Hub: HF_HUB_OFFLINE is set; unset it, or drop --push-to-hub and upload later with `hf upload`.'),
+    Row("hub-id-without-push", "train --hub-model-id me/x", lambda c: c.train("--hub-model-id", "me/x"),
+        'error: --hub-model-id needs --push-to-hub; add --push-to-hub or drop --hub-model-id.'),
+    Row("hub-id-bad", "train --push-to-hub --hub-model-id a/b/c", lambda c: c.train("--push-to-hub", "--hub-model-id", "a/b/c"),
+        "error: --hub-model-id 'a/b/c' is not a repo id; use USER/NAME (or NAME for your own account)."),
+    Row("hub-checkpoints-none", "train --push-to-hub --push-checkpoints (no --checkpoint-every)",
+        lambda c: c.train("--push-to-hub", "--push-checkpoints"),
+        'error: --push-checkpoints uploads checkpoints, but no --checkpoint-every is set; add --checkpoint-every N or drop --push-checkpoints.'),
+    Row("hub-script-spelling", "train --push_to_hub", lambda c: c.train("--push_to_hub"),
+        "error: --push_to_hub is not a lorakit flag (that is another tool's spelling); use --push-to-hub.", code=2),
+    Row("validation-every-no-prompt", "train --validation-every 2 (no --validation-prompt)", lambda c: c.train("--validation-every", "2"),
+        'error: --validation-every writes sample images of --validation-prompt, but none is given; add --validation-prompt "..." or drop --validation-every.'),
+    Row("validation-images-zero", "train --num-validation-images 0", lambda c: c.train("--num-validation-images", "0"),
+        'error: --num-validation-images must be a positive integer, got 0.'),
+    Row("optimizer-unknown", "train --optimizer sgd", lambda c: c.train("--optimizer", "sgd"),
+        "error: --optimizer must be one of adamw, adamw8bit, prodigy, adafactor, got 'sgd'."),
+    Row("max-train-samples-zero", "train --max-train-samples 0", lambda c: c.train("--max-train-samples", "0"),
+        'error: --max-train-samples must be a positive integer, got 0.'),
+    # ----------------------------------------------------------------- single-file models, --model-config, --revision, --variant
+    Row("single-file-unknown-keys", "train --model x.safetensors (keys of no arch)",
+        lambda c: c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), 'error: --model {tmp}/x.safetensors holds no checkpoint lorakit recognises (its keys match none of the archs that take single files: sd15, sdxl); pass a diffusers model folder or hub id.'),
+    Row("single-file-is-a-lora", "train --model lora.safetensors (the run's LoRA, not a base model)",
+        lambda c: c.train(model=c.shared["lora"]), 'error: --model {shared}/run/pytorch_lora_weights.safetensors is a LoRA, not a base model; pass the base model as --model (a LoRA goes to --lora of lorakit generate).'),
+    Row("single-file-wrong-arch", "train --arch sd15 --model sdxl.safetensors (an SDXL checkpoint)",
+        lambda c: c.train(model=_single_file(c, "sdxl.safetensors", _SDXL_KEYS)), 'error: --model {tmp}/sdxl.safetensors is a single-file sdxl checkpoint, which --arch sd15 cannot train; use --arch sdxl.'),
+    Row("single-file-arch-without", "train --arch flux --model x.safetensors (flux takes no single files)",
+        lambda c: _with_arch(c.train(model=_single_file(c, "x.safetensors", ["foo.weight"])), "flux"), 'error: --arch flux does not load single-file checkpoints (archs that do: sd15, sdxl); pass a diffusers model folder or hub id.'),
+    Row("single-file-offline-no-config", "train --model sd15.safetensors (HF_HUB_OFFLINE=1, no --model-config)",
+        lambda c: c.train(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
+    Row("model-config-not-a-model", "train --model sd15.safetensors --model-config (an empty folder)",
+        lambda c: c.train("--model-config", c.folder("cfg"), model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model-config {tmp}/cfg holds no model_index.json; pass the diffusers folder or hub id of the model sd15.safetensors was made from.'),
+    Row("model-config-other-arch", "train --model sd15.safetensors --model-config (an SDXL folder)",
+        lambda c: c.train("--model-config", _sdxl_folder(c), model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model-config {tmp}/sdxl is a StableDiffusionXLPipeline model, not one --arch sd15 trains; pass the config of the sd15 model sd15.safetensors was made from.'),
+    Row("single-file-incomplete", "train --model sd15.safetensors (SD1.5 keys but not its weights) --model-config DIR",
+        lambda c: c.train("--model-config", c.model, model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), "error: --model {tmp}/sd15.safetensors could not be read with --model-config {shared}/sd15 (Failed to load CLIPTextModel. Weights for this component appear to be missing in the checkpoint.); pass the --model-config of the model this checkpoint was made from."),
+    Row("model-config-with-folder", "train --model (a folder) --model-config X", lambda c: c.train("--model-config", c.model),
+        'error: --model-config applies to single-file checkpoints; --model {shared}/sd15 is a folder.'),
+    Row("revision-local", "train --revision main (a local --model)", lambda c: c.train("--revision", "main"),
+        'error: --revision applies to hub ids; --model {shared}/sd15 is a local path.'),
+    Row("variant-missing", "train --variant fp16 (the folder has no fp16 files)", lambda c: c.train("--variant", "fp16"),
+        'error: --variant fp16: {shared}/sd15 holds no *.fp16.safetensors weights; drop --variant or pass the variant the model has (e.g. fp16).'),
+    Row("vae-ckpt", "train --vae vae.ckpt (a pickle)", lambda c: c.train("--vae", c.file("vae.ckpt", b"x")),
+        'error: --vae {tmp}/vae.ckpt is a pickle checkpoint (.ckpt), which lorakit never loads (unpickling can run code); convert it to .safetensors (e.g. a safetensors export of the same model) and pass that.'),
+    Row("generate-single-file-no-config", "generate --model sd15.safetensors (HF_HUB_OFFLINE=1, no --model-config)",
+        lambda c: c.generate(model=_single_file(c, "sd15.safetensors", _SD15_KEYS)), 'error: --model {tmp}/sd15.safetensors is a single file and HF_HUB_OFFLINE is set: its configs and tokenizers cannot be fetched; pass --model-config with a local diffusers folder (or cached hub id) of an --arch sd15 model.'),
+    Row("tiny-single-file-unsupported", "tiny flux DIR --single-file", lambda c: ["tiny", "flux", c.tmp / "m", "--single-file"],
+        'error: --arch flux has no single-file layout; `lorakit tiny flux` without --single-file writes its diffusers folder.'),
+    # ----------------------------------------------------------------- train: the persistent encoding cache
+    Row("cache-dir-file", "train --cache-dir FILE", lambda c: c.train("--cache-dir", c.file("cache.bin", b"x")),
+        'error: --cache-dir {tmp}/cache.bin is a file, not a folder; pass a writable folder with --cache-dir or use --no-disk-cache.'),
+    Row("cache-dir-under-file", "train --cache-dir FILE/sub", lambda c: c.train("--cache-dir", c.file("cache.bin", b"x") / "sub"),
+        'error: --cache-dir {tmp}/cache.bin/sub lies under {tmp}/cache.bin, which is a file; pass a writable folder with --cache-dir or use --no-disk-cache.'),
+    # ----------------------------------------------------------------- merge and fuse (lorakit/merge.py, lorakit/fuse.py)
+    Row("merge-weights-count", "merge A B --weights 0.7", lambda c: _merge(c, "--weights", "0.7"),
+        'error: --weights 0.7 gives 1 weights for 2 LoRAs; give one per LoRA.'),
+    Row("merge-weights-text", "merge A B --weights 0.7;0.3", lambda c: _merge(c, "--weights", "0.7;0.3"),
+        'error: --weights 0.7;0.3: write one number per LoRA, separated by commas (e.g. 0.7,0.3).'),
+    Row("merge-weights-nan", "merge A B --weights 0.7,nan", lambda c: _merge(c, "--weights", "0.7,nan"),
+        'error: --weights 0.7,nan: every weight must be a finite number.'),
+    Row("merge-rank-zero", "merge A B --rank 0", lambda c: _merge(c, "--rank", "0"), 'error: --rank must be at least 1, got 0.'),
+    Row("merge-output-exists", "merge A B --output (exists, no --overwrite)", lambda c: _merge(c, out=c.file("m.safetensors", b"mine")),
+        'error: --output {tmp}/m.safetensors exists; pass --overwrite or another --output.'),
+    Row("merge-output-not-safetensors", "merge A B --output m.bin", lambda c: _merge(c, out=c.tmp / "m.bin"),
+        'error: --output {tmp}/m.bin must end in .safetensors; lorakit writes LoRA files as safetensors only.'),
+    Row("merge-missing-input", "merge A (missing) B", lambda c: _merge(c, loras=[c.tmp / "nope.safetensors", c.shared["lora"]]),
+        'error: LoRA {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("merge-other-arch", "merge --arch sd15 (an SD1.5 and an SDXL LoRA)", lambda c: _merge(c, loras=[c.shared["lora"], c.shared["sdxl_lora"]]),
+        'error: LoRA {shared}/sdxl-run/pytorch_lora_weights.safetensors was trained with --arch sdxl (its lorakit_config.json says so), not sd15; merge LoRAs of one arch.'),
+    Row("merge-kohya-without-model", "merge (a kohya file, no --model)", lambda c: _merge(c, loras=[c.shared["kohya"], c.shared["lora"]]),
+        'error: {shared}/kohya.safetensors is a kohya file; reading its layer names needs the base model: pass --model (hub id or folder).'),
+    Row("fuse-output-not-empty", "fuse --output DIR (holds the user's file)", lambda c: _fuse(c, out=_users_folder(c)),
+        'error: --output {tmp}/out is not empty; pass --overwrite to replace a model lorakit fused there, or choose another --output.'),
+    Row("fuse-output-foreign-overwrite", "fuse --output DIR --overwrite (holds the user's file)", lambda c: _fuse(c, "--overwrite", out=_users_folder(c)),
+        'error: --output {tmp}/out holds notes.txt, which lorakit did not write; move it away or choose another --output.'),
+    Row("fuse-output-file-exists", "fuse --output m.safetensors (exists, no --overwrite)", lambda c: _fuse(c, out=c.file("m.safetensors", b"mine")),
+        'error: --output {tmp}/m.safetensors exists; pass --overwrite or another --output.'),
+    Row("fuse-single-file-unsupported", "fuse --arch flux --output m.safetensors", lambda c: _with_arch(_fuse(c, out=c.tmp / "m.safetensors"), "flux"),
+        'error: --arch flux has no single-file checkpoint layout; pass a folder as --output.'),
+    Row("fuse-lora-missing", "fuse --lora (missing)", lambda c: _fuse(c, lora=c.tmp / "nope.safetensors"),
+        'error: --lora {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
+    Row("fuse-lora-other-arch", "fuse --arch sd15 --lora (an SDXL LoRA)", lambda c: _fuse(c, lora=c.shared["sdxl_lora"]),
+        'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: no such layer in the model); it is a LoRA for --arch sdxl.'),
 ]
+
+
+# merge and fuse: command lines over the shared SD1.5 LoRA and model
+def _merge(ctx: Ctx, *extra, loras=None, out=None) -> list:
+    loras = loras or [ctx.shared["lora"], ctx.shared["lora"]]
+    return ["merge", *loras, "--arch", "sd15", "--output", out or ctx.tmp / "m.safetensors", *extra]
+
+
+def _fuse(ctx: Ctx, *extra, lora=None, out=None) -> list:
+    return ["fuse", "--arch", "sd15", "--model", ctx.model, "--lora", lora or ctx.shared["lora"], "--output",
+            out or ctx.tmp / "fused", *extra]
+
+
+def _users_folder(ctx: Ctx) -> Path:
+    ctx.file("out/notes.txt", "mine")
+    return ctx.tmp / "out"
+
+
+# single-file models: checkpoints with the keys that decide the arch (tiny tensors; refused before loading)
+_SD15_KEYS = ["model.diffusion_model.out.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]
+_SDXL_KEYS = ["model.diffusion_model.out.0.weight", "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+              "conditioner.embedders.1.model.positional_embedding"]
+
+
+def _single_file(ctx: Ctx, name: str, keys) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = ctx.tmp / name
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def _with_arch(argv: list, arch: str) -> list:
+    argv = list(argv)
+    argv[argv.index("--arch") + 1] = arch
+    return argv
 
 
 def _damaged_model(ctx: Ctx) -> Path:
@@ -375,6 +525,10 @@ def make_shared(tmp_path_factory) -> dict:
     r = invoke(["convert", made["lora"], root / "kohya.safetensors", "--arch", "sd15", "--to", "kohya"])
     assert r.exit_code == 0, r.output
     made["kohya"] = root / "kohya.safetensors"
+    r = invoke(["train", "--arch", "sd15", "--model", made["sd15"], "--data", made["examples"], "--output", root / "te-run",
+                "--max-steps", "1", "--resolution", "32", "--num-threads", "1", "--train-text-encoder"])  # LoRA formats rows
+    assert r.exit_code == 0, r.output
+    made["kohya_te"] = root / "te-run" / "te-run.safetensors"
     sdxl_model = make_tiny_model("sdxl", root / "sdxl")
     r = invoke(["train", "--arch", "sdxl", "--model", sdxl_model, "--data", made["examples"], "--output", root / "sdxl-run",
                 "--max-steps", "1", "--resolution", "32", "--num-threads", "1"])

@@ -24,6 +24,7 @@ from lorakit.data.samples import (
     CaptionedImages,
     Sample,
     check_readable,
+    file_digest,
     file_opener,
     log,
     pick_column,
@@ -39,7 +40,7 @@ _pick_column = pick_column
 
 __all__ = [
     "CAPTION_COLUMNS", "IMAGE_COLUMNS", "IMAGE_SUFFIXES", "Augment", "CaptionedImages", "Sample",
-    "augment_for", "caption_dropped", "check_readable", "crop_geometry", "decode_image", "file_opener",
+    "augment_for", "caption_dropped", "check_readable", "crop_geometry", "decode_image", "file_digest", "file_opener",
     "load_captioned_images", "prepare_image", "report_empty_captions",
 ]
 

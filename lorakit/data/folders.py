@@ -16,6 +16,7 @@ from lorakit.data.samples import (
     CAPTION_COLUMNS,
     IMAGE_SUFFIXES,
     Sample,
+    file_digest,
     file_opener,
     inside,
     pick_column,
@@ -29,7 +30,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _sample(root: Path, resolved: Path, caption: str, opened: Path) -> Sample:
-    return Sample(str(resolved), caption, file_opener(opened), rng_key=resolved.relative_to(root).as_posix())
+    return Sample(str(resolved), caption, file_opener(opened), rng_key=resolved.relative_to(root).as_posix(),
+                  digest=file_digest(resolved))
 
 
 def _from_sidecars(folder: Path) -> list[Sample]:

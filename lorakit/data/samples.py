@@ -25,6 +25,8 @@ class Sample:
     row). ``rng_key`` names it within its dataset (the path relative to the dataset folder, or
     the row index), so per-sample random draws do not depend on where the data lives; ``None``
     (e.g. samples built by a mode) falls back to ``key``: see :attr:`random_key`.
+    ``digest`` (``() -> str``) hashes the image's content (its file's bytes) for the
+    persistent encoding cache; ``None``: the decoded pixels are hashed instead.
     """
 
     key: str
@@ -32,6 +34,7 @@ class Sample:
     open: Callable  # () -> PIL.Image, upright 8-bit RGB (see lorakit.images.decode_image)
     extras: dict = field(default_factory=dict)
     rng_key: str | None = None
+    digest: Callable | None = None
 
     @property
     def random_key(self) -> str:
@@ -64,6 +67,13 @@ class CaptionedImages:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def first(self, count: int | None) -> "CaptionedImages":
+        """The first ``count`` examples in the data's order (``--max-train-samples``); all when
+        ``count`` is None or not smaller."""
+        if count is None or count >= len(self.examples):
+            return self
+        return type(self)(self.examples[:count], self.source)
+
     def samples(self) -> list[Sample]:
         """Every distinct sample (by key), in first-seen order."""
         seen, out = set(), []
@@ -75,6 +85,11 @@ class CaptionedImages:
         return out
 
 
+def first_examples(dataset, count: int | None):
+    """``dataset`` cut to its first ``count`` examples (``--max-train-samples``; None: all)."""
+    return dataset if count is None else dataset.first(count)
+
+
 def file_opener(path: Path):
     """A loader that decodes the image file when called (kept lazy: datasets can be large)."""
 
@@ -82,6 +97,17 @@ def file_opener(path: Path):
         return decode_image(path)
 
     return open_image
+
+
+def file_digest(path: Path):
+    """A content hash of the image file (sha256 of its bytes), computed when called."""
+
+    def digest():
+        from lorakit.cachekeys import file_sha256
+
+        return file_sha256(path)
+
+    return digest
 
 
 def check_readable(samples: list[Sample]) -> list[Sample]:

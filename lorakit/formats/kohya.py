@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 
 from lorakit.errors import LorakitError
 from lorakit.formats import PEFT_KEY
@@ -150,22 +149,12 @@ def kohya_layers(tensors: dict) -> dict:
 
 def _config_from_tensors(modules: dict) -> dict:
     """A LoRA config for layers read without lorakit's header: each layer's rank from its
-    ``lora_down`` and alpha from its ``.alpha`` (kohya: no alpha = the rank), the most common
-    ones as ``r`` / ``lora_alpha`` and the rest as PEFT patterns."""
-    from peft import LoraConfig
-
-    from lorakit.lora import adapter_metadata
+    ``lora_down`` and alpha from its ``.alpha`` (kohya: no alpha = the rank)."""
+    from lorakit.formats.read import lora_config
 
     ranks = {m: int(parts["lora_down.weight"].shape[0]) for m, parts in modules.items()}
-    alphas = {m: float(parts["alpha"].item()) if "alpha" in parts else float(ranks[m]) for m, parts in modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=sorted(modules),
-        rank_pattern={re.escape(m): v for m, v in ranks.items() if v != r},
-        alpha_pattern={re.escape(m): v for m, v in alphas.items() if v != alpha},
-    )
-    return adapter_metadata(config)
+    alphas = {m: float(parts["alpha"].item()) for m, parts in modules.items() if "alpha" in parts}
+    return lora_config(ranks, alphas)
 
 
 def lorakit_layers(tensors: dict, header: dict, prefixes: dict, names_of) -> dict:

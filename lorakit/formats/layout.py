@@ -8,6 +8,7 @@ loaders patch. Classes come from the folder's ``model_index.json``, so no arch i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -30,6 +31,14 @@ def component_layers(model_dir: Path, component: str) -> list[str]:
     """Module paths of the component's ``torch.nn.Linear`` and ``torch.nn.Conv2d`` layers."""
     import torch
 
+    module = component_module(model_dir, component)
+    return [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+@functools.lru_cache(maxsize=16)
+def _built(model_dir: str, component: str, stamp: float):
+    import torch
+
     model_dir = Path(model_dir)
     entry = read_model_index(model_dir).get(component)
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or component_config(model_dir, component) is None:
@@ -42,7 +51,12 @@ def component_layers(model_dir: Path, component: str) -> list[str]:
     with torch.device("meta"):
         if library == "transformers":
             config = cls.config_class.from_pretrained(model_dir / component)
-            module = cls(config)
-        else:
-            module = cls.from_config(cls.load_config(model_dir / component))
-    return [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            return cls(config)
+        return cls.from_config(cls.load_config(model_dir / component))
+
+
+def component_module(model_dir: Path, component: str):
+    """The component built from its config on torch's meta device (no weights, no memory)."""
+    file = Path(model_dir) / component / "config.json"
+    stamp = file.stat().st_mtime if file.is_file() else 0.0
+    return _built(str(Path(model_dir).resolve()), component, stamp)

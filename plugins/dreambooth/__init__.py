@@ -66,6 +66,13 @@ class DreamBooth:
         return list(OPTIONS)
 
     @hookimpl
+    def card_facts(self, config):
+        # the Hub's DreamBooth widget and readers need the prompt that names the subject
+        return {"front_matter": {"instance_prompt": config.instance_prompt, "tags": ["dreambooth"]},
+                "lines": [f"- DreamBooth: instance prompt `{config.instance_prompt}`, class prompt "
+                          f"`{config.class_prompt}`, prior-loss weight {config.prior_loss_weight:g}"]}
+
+    @hookimpl
     def check_config(self, config, info):
         # before the (slow) model load
         check_options(config)
