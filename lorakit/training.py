@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, losscurve, outputs, saveformat, tracking, validation
+from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -29,9 +29,8 @@ from lorakit.data.samples import first_examples
 from lorakit.errors import LorakitError
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
-from lorakit.optimizers import make_optimizer, prepare_device
-from lorakit.parallel import check_data_parallel
 from lorakit.state import TrainState, check_processes_agree
+from lorakit.optimizers import make_optimizer, prepare_device
 from lorakit.step import Stepper
 
 log = logging.getLogger("lorakit")
@@ -330,7 +329,7 @@ def _start_accelerator(config):
                                "(accelerate launch --mixed_precision or its config file); drop one of them.")
         kwargs["mixed_precision"] = config.mixed_precision
     accelerator = Accelerator(**kwargs)
-    check_data_parallel(accelerator)
+    parallel.check_data_parallel(accelerator)
     config.mixed_precision = str(accelerator.mixed_precision)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         chosen = "--mixed-precision fp16" if config.given("mixed_precision") else "accelerate's fp16 (launch, config)"
