@@ -237,3 +237,41 @@ def test_data_workers_change_nothing_but_speed(tmp_path, lorakit_tiny_model, mon
             runs[workers] = weights(train(config).output_dir)
             assert seen == ({"lorakit-data"} if workers else {"MainThread"})
         assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_dreambooth_halves_draw_by_place_in_the_global_batch(tmp_path, lorakit_tiny_model):
+    """DreamBooth splits each micro-batch into its instance and class halves: on "process i of
+    2" (one example, rows keyed from place i) each sample gets the loss it gets in one
+    process's batch of two, its class sample included (keyed apart from the instance one)."""
+    import shutil
+
+    from lorakit.rng import Rows
+    from lorakit.testing import tiny_config
+    from lorakit.training import Trainer
+
+    folders = {}
+    for kind, names in (("instance", ("red.png", "blue.png")), ("class", ("green.png", "orange.png"))):
+        folders[kind] = tmp_path / kind
+        folders[kind].mkdir()
+        for name in names:
+            shutil.copy(example_data() / name, folders[kind] / name)
+    config = tiny_config("sd15", lorakit_tiny_model("sd15"), None, tmp_path / "out", modes=["dreambooth"],
+                         instance_data=str(folders["instance"]), class_data=str(folders["class"]),
+                         instance_prompt="a photo of sks shape", class_prompt="a photo of a shape", num_class_images=2,
+                         batch_size=2, noise_offset=0.05)
+    trainer = Trainer(config).setup()
+    trainer.guard.close()
+    unet = trainer.components["unet"].eval()
+
+    def losses(indices, start):
+        batch = trainer.make_batch(0, indices)
+        rows = Rows.for_micro_batch(config.seed, 3, 0, start, len(indices), groups=2)
+        with torch.no_grad():
+            return trainer.pm.hook.compute_loss(components=trainer.components, batch=batch, config=trainer.config,
+                                                generator=torch.Generator().manual_seed(0), rows=rows)
+
+    whole = losses([0, 1], 0)  # [instance 0, instance 1, class 0, class 1]
+    for i in (0, 1):
+        alone = losses([i], i)  # [instance i, class i]
+        torch.testing.assert_close(alone, whole[[i, 2 + i]], rtol=1e-5, atol=0)
+    assert unet is trainer.components["unet"]
