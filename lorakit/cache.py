@@ -57,9 +57,9 @@ class EncodingCache:
         self.store = None
         if config.cache and getattr(config, "disk_cache", False):
             from lorakit.cachekeys import Keys
-            from lorakit.diskcache import ShardStore, cache_folder
+            from lorakit.diskcache import open_store
 
-            self.store = ShardStore(cache_folder(config), rank=batches.rank)
+            self.store = open_store(config, rank=batches.rank)
             self.keys = Keys(pm, components, info, config.arch, device)
         self.image_cache = self.lazy()
         self.prompt_cache = self.lazy()

@@ -1,7 +1,7 @@
 """The model card a run writes: the YAML front matter the Hub reads (``library_name``,
 ``base_model`` when the model is a Hub id, ``license``, tags, a ``widget`` of the final sample
 images, and whatever the run's modes and arch add through the ``card_facts`` hook, e.g.
-a subject mode's ``instance_prompt``), the training facts, the loss curve and the sample grid, and
+the prompt naming a mode's subject), the training facts, the loss curve and the sample grid, and
 how to load the LoRA in lorakit, diffusers, A1111 and ComfyUI. Round-1 folders' cards are
 recognised by :mod:`lorakit.outputs`; this module only renders."""
 

@@ -24,7 +24,6 @@ from lorakit.formats.kohya import (  # noqa: F401  (kept importable from here)
     peft_layers,
 )
 from lorakit.formats.read import every_layer_name as _every_layer_name  # noqa: F401
-from lorakit.formats.read import kohya_names  # noqa: F401
 from lorakit.pipelines import resolve_lora_file
 
 RUN_CONFIG = "lorakit_config.json"
@@ -60,6 +59,28 @@ def _training_facts(run: dict) -> dict:
     if run.get("resolution"):
         facts["ss_resolution"] = f"({run['resolution']}, {run['resolution']})"
     return facts
+
+
+def kohya_names(pm, component: str, modules, model_config) -> dict:
+    """``{module path: kohya layer name}`` for layers of ``component`` (one-to-one, checked): the arch's
+    ``kohya_module_names`` hook, prefixed with its ``kohya_prefixes``."""
+    from collections import Counter
+
+    prefixes = pm.hook.kohya_prefixes() or {}
+    modules = list(modules)
+    paths = pm.hook.kohya_module_names(component=component, modules=modules, model_config=model_config)
+    if paths is None:
+        paths = {m: m for m in modules}
+    names = {m: f"{prefixes[component]}_{paths[m].replace('.', '_')}" for m in modules}
+    if len(set(names.values())) != len(names):
+        twice = [n for n, c in Counter(names.values()).items() if c > 1][0]
+        raise LorakitError(f"two layers map to the kohya name {twice}; this file cannot be converted.")
+    return names
+
+
+def kohya_base_fields(pm, model_configs: dict) -> dict:
+    """The arch's ``ss_*`` fields for the base model (its ``kohya_metadata`` hook)."""
+    return pm.hook.kohya_metadata(model_configs=model_configs) or {}
 
 
 def convert(arch: str, source, target, to: str, model=None, overwrite: bool = False) -> Path:

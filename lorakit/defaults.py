@@ -8,8 +8,10 @@ from lorakit.hookspecs import hookimpl
 @hookimpl
 def build_dataset(config, components, pm):
     from lorakit.data import load_captioned_images
+    from lorakit.diskcache import readable_in_cache
 
-    return load_captioned_images(config.data, caption_column=config.caption_column, image_column=config.image_column)
+    return load_captioned_images(config.data, caption_column=config.caption_column, image_column=config.image_column,
+                                 known_readable=readable_in_cache(config))
 
 
 @hookimpl

@@ -113,10 +113,20 @@ class ShardStore:
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
-        """Add the shards sealed since the last look (by this or any other process)."""
+        """Add the shards sealed since the last look (by this or any other process); forget
+        those deleted since (a user may delete the cache at any time)."""
         from safetensors import safe_open
 
-        for path in sorted(self.folder.glob(f"shard-*{_SUFFIX}")):
+        listing = sorted(self.folder.glob(f"shard-*{_SUFFIX}"))
+        gone = set(self._entries) - {p.name for p in listing}
+        if gone:
+            kept = {name: entries for name, entries in self._entries.items() if name not in gone}
+            self.index, self.image_sizes, self._entries = {}, {}, {}
+            for name in gone:
+                self._open.pop(name, None)
+            for name, entries in kept.items():
+                self._add(name, entries)
+        for path in listing:
             if path.name in self._entries:
                 continue
             try:
@@ -142,9 +152,12 @@ class ShardStore:
             return None
         name, number = where
         entry = self._entries[name][number]
-        handle = self._handle(name)
-        tensors = {t: handle.get_tensor(f"{number}/{t}") for t in entry["tensors"]}
-        if entry_checksum(tensors) != entry["checksum"]:
+        try:
+            handle = self._handle(name)
+            tensors = {t: handle.get_tensor(f"{number}/{t}") for t in entry["tensors"]}
+        except Exception:  # the shard was truncated or deleted under us
+            tensors = None
+        if tensors is None or entry_checksum(tensors) != entry["checksum"]:
             log.warning("encoding cache: entry %s in %s is damaged; encoding it afresh", key[:12], name)
             del self.index[key]
             return None
@@ -223,6 +236,32 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_STORES: dict = {}
+
+
+def open_store(config, rank: int = 0) -> ShardStore:
+    """The run's store: the data loader and the cache of one run (one config) share it."""
+    folder = cache_folder(config)
+    run, store = _STORES.get(folder, (None, None))
+    if store is None or run is not config:
+        store = ShardStore(folder, rank)
+        _STORES.clear()  # one run at a time keeps its store; an earlier run's is not reused
+        _STORES[folder] = (config, store)
+    else:
+        store.rank = rank
+        store.refresh()
+    return store
+
+
+def readable_in_cache(config):
+    """``sample -> bool``: whether an image with the sample's content was decoded (and encoded)
+    by an earlier run, so checking that it decodes can be skipped; None without a disk cache."""
+    if not (getattr(config, "cache", False) and getattr(config, "disk_cache", False)):
+        return None
+    sizes = open_store(config).image_sizes
+    return lambda sample: sample.digest is not None and sample.digest() in sizes
 
 
 class LazyEntries:

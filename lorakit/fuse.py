@@ -110,14 +110,27 @@ def _write_folder(pipeline, output: Path, facts: dict) -> None:
             if path.is_file():
                 fsutil.fsync_file(path)
         old = None
-        if output.exists():  # empty, or only what an earlier fuse wrote (check_output)
+        if output.exists():  # empty, or only what an earlier fuse wrote (checked again: the load took a while)
+            foreign = _foreign_file(output)
+            if foreign is not None:
+                raise LorakitError(f"--output {output} holds {foreign}, which lorakit did not write; move it away or "
+                                   "choose another --output.")
             old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.lorakit-old-"))
             os.replace(output, old / "old")
-        fsutil.publish(tmp, output)
+        try:
+            fsutil.publish(tmp, output)
+        except BaseException:
+            if old is not None:  # put the earlier fused model back
+                os.replace(old / "old", output)
+                fsutil.remove_tree(old)
+            raise
         if old is not None:
             fsutil.remove_tree(old)
-    except BaseException:
+    except BaseException as exc:
         fsutil.remove_tree(tmp)
+        if isinstance(exc, OSError) and fsutil.is_disk_full(exc):
+            raise LorakitError(f"the disk is full: the fused model for --output {output} was not written (nothing "
+                               "of it is left); free space there or pick another --output.") from None
         raise
 
 
@@ -145,7 +158,15 @@ def fuse(arch: str, model: str, loras, output, overwrite: bool = False, device=N
     check_output(output, single, overwrite)
     pm, pipeline = fused_pipeline(arch, model, loras, device=device, model_config=model_config)
     if single:
-        _write_single_file(pm, pipeline, output)
+        try:
+            _write_single_file(pm, pipeline, output)
+        except OSError as exc:
+            from lorakit.fsutil import is_disk_full
+
+            if not is_disk_full(exc):
+                raise
+            raise LorakitError(f"the disk is full: {output} was not written; free space there or pick another "
+                               "--output.") from None
     else:
         facts = {"arch": arch, "model": str(model), "loras": [{"path": str(spec[0]), "scales": [float(x) for x in spec[1:]]} for spec in loras]}
         _write_folder(pipeline, output, facts)

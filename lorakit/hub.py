@@ -84,6 +84,10 @@ def prepare(config, output_dir: Path, main: bool) -> "HubPush":
     except Exception as exc:
         raise LorakitError(f"--push-to-hub: the Hub refused the token ({_first_line(exc)}); run `hf auth login` "
                            "or set HF_TOKEN to a valid token with write access.") from None
+    role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":  # it would pass every check and fail only at the upload, after training
+        raise LorakitError("--push-to-hub: your Hugging Face token is read-only; make a token with write access "
+                           "(huggingface.co/settings/tokens), then `hf auth login` or set HF_TOKEN.")
     repo_id = config.hub_model_id or Path(output_dir).expanduser().resolve().name
     if "/" not in repo_id:
         repo_id = f"{user.get('name')}/{repo_id}"

@@ -8,8 +8,8 @@ lists. Before anything is loaded, each layer of the file is checked against the 
 pipeline's layers (names and shapes): a LoRA for another arch or model size is refused in
 one line naming the layer and the arch the file fits, never a ``size mismatch`` traceback.
 
-This holds for archs with a kohya layout (their components are the pipeline's own, SD1.x and
-SDXL); other archs' files go to the arch's ``load_lora`` hook as they are. A file in lorakit's
+This holds for archs with a kohya layout (their components are the pipeline's own); other
+archs' files go to the arch's ``load_lora`` hook as they are. A file in lorakit's
 format is handed to that hook unchanged after the check; others are read into lorakit's layers
 and written as a temporary lorakit file first, so the arch's loader sees one format.
 """

@@ -266,6 +266,13 @@ def merge(arch: str, sources, output, weights=None, rank: int | None = None, mod
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = pad(a, b, r)
         config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets[component]))  # the scale is in B
         layers[component] = (state, adapter_metadata(config))
-    path = write_layers(pm, layers, output, "lorakit", model_dir=model_dir, overwrite=overwrite)
+    try:
+        path = write_layers(pm, layers, output, "lorakit", model_dir=model_dir, overwrite=overwrite)
+    except OSError as exc:
+        from lorakit.fsutil import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        raise LorakitError(f"the disk is full: {output} was not written; free space there or pick another --output.") from None
     count = sum(len(m) for m in merged.values())
     return MergeResult(path, count, errors, math.sqrt(lost / total) if total > 0 else 0.0, rank)

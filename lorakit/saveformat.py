@@ -7,8 +7,8 @@
   because A1111 and ComfyUI show a LoRA by its file name (``<lora:NAME:0.8>``), and kohya's own
   trainer names its file ``<output_name>.safetensors`` the same way; a folder of many runs'
   ``pytorch_lora_weights.safetensors`` would all show as one name.
-* ``both`` -- the default where the arch has a kohya layout: most people who load SD1.5/SDXL
-  LoRAs do so in A1111/ComfyUI, while the diffusers file is what diffusers and lorakit's own
+* ``both`` -- the default where the arch has a kohya layout: most people who load LoRAs of
+  such archs do so in A1111/ComfyUI, while the diffusers file is what diffusers and lorakit's own
   commands need; a second file of a few MB costs nothing next to the run. Archs without a kohya
   layout write ``diffusers`` (and ``kohya`` is refused for them in one line).
 

@@ -75,6 +75,8 @@ def test_what_changes_is_re_encoded_and_nothing_else(model, data, tmp_path, lora
     # the other model's images were encoded by its VAE in o5 already: only its captions are new
     assert run(other, data, tmp_path / "o6", cache)[0].cache.encoded == {"text": n_captions}
     assert run(model, data, tmp_path / "o7", cache)[0].cache.encoded == {}  # the first run's entries still serve
+    # --random-crop: images are encoded every step (each crop differs), nothing new is cached
+    assert run(model, data, tmp_path / "o8", cache, center_crop=False)[0].cache.encoded == {}
 
 
 def test_a_crop_change_re_encodes_only_the_images_it_moves(model, tmp_path):
@@ -223,3 +225,20 @@ def test_two_processes_each_encode_half_and_read_the_whole(model, data, tmp_path
     assert sorted(by_rank) == [0, 1] and all(len(ks) >= len(keys) // 3 for ks in by_rank.values())
     # a 1-process run afterwards finds everything both wrote
     assert run(model, data, tmp_path / "again", cache)[0].cache.encoded == {}
+
+
+def test_a_second_run_decodes_no_image_to_check_it(model, data, tmp_path, monkeypatch):
+    """An image whose content is cached decoded before: the up-front check skips it (it is
+    decoded only where a batch needs its size or pixels); a new image is still checked."""
+    from lorakit.data import samples as samples_module
+
+    run(model, data, tmp_path / "a", tmp_path / "cache")
+    decoded = []
+    real = samples_module.decode_image
+    monkeypatch.setattr(samples_module, "decode_image", lambda path: decoded.append(path) or real(path))
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = (data / "metadata.jsonl").read_text() + json.dumps({"file_name": "broken.png", "text": "x"}) + "\n"
+    (data / "metadata.jsonl").write_text(rows)
+    second = run(model, data, tmp_path / "b", tmp_path / "cache")[0]
+    assert [p.name for p in decoded] == ["broken.png"]  # skipped with a warning, as before; nothing else decoded
+    assert second.cache.encoded == {} and len(second.dataset) == images_in(data) - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,24 @@ def test_every_lora_layer_is_fused(arch, tmp_path):
             assert torch.allclose(after[layer].weight, want, atol=1e-6), f"{name}.{layer} not fused"
             checked[name] = checked.get(name, 0) + 1
     assert set(checked) == {"transformer", "text_encoder"} and all(checked.values()), checked
+
+
+def test_full_disk_leaves_the_earlier_model_and_no_partial_one(sd15, tmp_path, monkeypatch):
+    import errno
+
+    from diffusers import StableDiffusionPipeline
+
+    model, loras = sd15
+    out = fuse("sd15", str(model), loras[:1], tmp_path / "fused")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full(self, folder, **kwargs):  # the disk fills up halfway through writing
+        (Path(folder) / "unet").mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full)
+    with pytest.raises(LorakitError, match="the disk is full: the fused model for --output .* was not written"):
+        fuse("sd15", str(model), loras, out, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]

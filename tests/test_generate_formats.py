@@ -124,6 +124,18 @@ def test_sdxl_kohya_file_train_wrote_has_kohyas_names_and_generates_the_same_ima
     ours = image(weights)
     assert np.abs(ours - image()).max() > 0
     assert np.array_equal(ours, image(kohya))
+    example = convert("sdxl", weights, root / "example.safetensors", "diffusers-example", model=model)
+    assert np.abs(image(example) - ours).max() <= 1  # scales folded into lora_up: float rounding at most
+    from diffusers import StableDiffusionXLPipeline
+    from test_convert import outputs
+
+    def loaded(path):  # diffusers' own loader reads the example file, both text encoders included
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        return outputs(pipe, ["text_encoder", "text_encoder_2"])
+
+    a, b = loaded(weights), loaded(example)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
 
 
 def test_sdxl_init_lora_from_the_kohya_file(sdxl, tmp_path):

@@ -51,9 +51,11 @@ class FakeHub:
         fake = self
 
         def whoami(api, token=None, **kwargs):
+            if api.token == "hf_read":
+                return {"name": "someone", "type": "user", "auth": {"accessToken": {"role": "read"}}}
             if api.token != "hf_fake":
                 raise PermissionError("401 Client Error: Unauthorized (invalid token)")
-            return {"name": "someone", "type": "user"}
+            return {"name": "someone", "type": "user", "auth": {"accessToken": {"role": "write"}}}
 
         def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
             fake.repos.append((repo_id, private, exist_ok))
@@ -197,6 +199,12 @@ def test_no_token_is_refused_before_the_model_loads(model, tmp_path, monkeypatch
 def test_an_invalid_token_is_refused_before_the_model_loads(model, tmp_path, monkeypatch):
     FakeHub().install(monkeypatch, tmp_path, token="hf_revoked")
     _refused_before_loading(model, tmp_path, "the Hub refused the token .*401")
+
+
+def test_a_read_only_token_is_refused_before_the_model_loads(model, tmp_path, monkeypatch):
+    fake = FakeHub().install(monkeypatch, tmp_path, token="hf_read")
+    _refused_before_loading(model, tmp_path, "token is read-only; make a token with write access")
+    assert fake.repos == []
 
 
 def test_the_cli_refuses_offline_in_one_line_before_loading(model, tmp_path, monkeypatch):

@@ -152,3 +152,19 @@ def test_files_from_before_the_text_model_layout_merge_with_model(loras, tmp_pat
     want = merge("sd15", [a, a], tmp_path / "w.safetensors", [0.5, 0.5])
     for w, g in zip(_outputs(_pipe(model, want.path)), _outputs(_pipe(model, got.path))):
         assert (w - g).abs().max().item() < 1e-5
+
+
+def test_full_disk_is_one_line_and_leaves_no_file(loras, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    _, a, b = loras
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(LorakitError, match="the disk is full: .*m.safetensors was not written"):
+        merge("sd15", [a, b], tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,8 @@ Accepted ``--data``:
 * an image folder with a ``.txt`` caption beside each image (kohya style);
 * anything ``datasets`` loads: a ``save_to_disk`` folder, parquet files, or a hub id.
 
-Every image is decoded once up front; unreadable ones are skipped with a warning naming
+Every image is decoded once up front (but one whose content the persistent encoding cache
+holds: it decoded in an earlier run); unreadable ones are skipped with a warning naming
 them, so a run never dies mid-way on a bad file. Captions are stripped; empty ones are
 reported once and train as unconditional samples.
 """
@@ -50,8 +51,10 @@ def load_captioned_images(
     caption_column: str | None = None,
     image_column: str | None = None,
     check_images: bool = True,
+    known_readable=None,
 ) -> CaptionedImages:
-    """Read ``--data`` into a checked :class:`CaptionedImages`."""
+    """Read ``--data`` into a checked :class:`CaptionedImages` (``known_readable``: see
+    :func:`check_readable`)."""
     path = Path(data).expanduser()
     if path.is_dir():
         if (path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file():
@@ -72,7 +75,7 @@ def load_captioned_images(
         raise LorakitError(f"--data {data} does not exist; pass an image folder or a dataset.")
     report_empty_captions(samples, str(data))
     if check_images:
-        samples = check_readable(samples)
+        samples = check_readable(samples, known_readable)
     return CaptionedImages.from_samples(samples, str(data))
 
 

@@ -100,21 +100,33 @@ def file_opener(path: Path):
 
 
 def file_digest(path: Path):
-    """A content hash of the image file (sha256 of its bytes), computed when called."""
+    """A content hash of the image file (sha256 of its bytes), computed when first called."""
+    from lorakit.cachekeys import file_sha256
 
-    def digest():
-        from lorakit.cachekeys import file_sha256
-
-        return file_sha256(path)
-
-    return digest
+    return once(lambda: file_sha256(path))
 
 
-def check_readable(samples: list[Sample]) -> list[Sample]:
-    """Decode every image once; drop (and name) those that cannot be read."""
+def once(compute):
+    """``compute`` as a function that runs it on the first call and returns that result after."""
+    memo = []
+
+    def first():
+        if not memo:
+            memo.append(compute())
+        return memo[0]
+
+    return first
+
+
+def check_readable(samples: list[Sample], known=None) -> list[Sample]:
+    """Decode every image once; drop (and name) those that cannot be read. ``known(sample)``
+    true: an image of that content decoded before (the encoding cache holds it), not again."""
     good, bad = [], []
     for s in samples:
         try:
+            if known is not None and known(s):
+                good.append(s)
+                continue
             img = s.open()
             if img.width < 1 or img.height < 1:
                 raise OSError("empty image")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.data.samples import CAPTION_COLUMNS, IMAGE_COLUMNS, Sample, inside, pick_column
+from lorakit.data.samples import CAPTION_COLUMNS, IMAGE_COLUMNS, Sample, inside, once, pick_column
 from lorakit.errors import LorakitError
 from lorakit.images import decode_image
 
@@ -99,6 +99,7 @@ def _row_opener(column, name: str, i: int):
 
 
 def _row_digest(column, name: str, i: int):
+    @once
     def digest():
         from lorakit.cachekeys import file_sha256, pixels_sha256, sha256_bytes
 
@@ -114,12 +115,9 @@ def _row_digest(column, name: str, i: int):
 
 
 def _file_digest(path: Path):
-    def digest():
-        from lorakit.cachekeys import file_sha256
+    from lorakit.cachekeys import file_sha256
 
-        return file_sha256(path)
-
-    return digest
+    return once(lambda: file_sha256(path))
 
 
 def _checked_path(value, folder: Path | None, where: str):

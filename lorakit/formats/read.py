@@ -262,17 +262,10 @@ def _rename(key: str, rename: dict) -> str:
 
 
 def kohya_names(pm, component: str, modules, model_config) -> dict:
-    """``{module path: kohya layer name}`` for layers of ``component`` (one-to-one, checked)."""
-    prefixes = pm.hook.kohya_prefixes() or {}
-    modules = list(modules)
-    paths = pm.hook.kohya_module_names(component=component, modules=modules, model_config=model_config)
-    if paths is None:
-        paths = {m: m for m in modules}
-    names = {m: f"{prefixes[component]}_{paths[m].replace('.', '_')}" for m in modules}
-    if len(set(names.values())) != len(names):
-        twice = [n for n, c in Counter(names.values()).items() if c > 1][0]
-        raise LorakitError(f"two layers map to the kohya name {twice}; this file cannot be converted.")
-    return names
+    """``{module path: kohya layer name}`` (see :func:`lorakit.convert.kohya_names`)."""
+    from lorakit.convert import kohya_names as names
+
+    return names(pm, component, modules, model_config)
 
 
 def every_layer_name(pm, component: str, layers, config) -> dict:

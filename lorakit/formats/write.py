@@ -96,7 +96,9 @@ def write_kohya(pm, layers: dict, target: Path, model_dir: Path | None, facts: d
             for module, name in kohya_names(pm, component, modules, configs.get(component)).items():
                 names[(component, module)] = name
     state = kohya_state_dict(tensors, json.loads(raw), prefixes, names)
-    extra = {**(pm.hook.kohya_metadata(model_configs=configs) or {}), **(facts or {})}
+    from lorakit.convert import kohya_base_fields
+
+    extra = {**kohya_base_fields(pm, configs), **(facts or {})}
     header = kohya_metadata(json.loads(raw), pm.hook.arch_info().denoiser, raw, extra)
     target.parent.mkdir(parents=True, exist_ok=True)
     fsutil.replace_file(target, save(state, metadata=header))
