@@ -275,3 +275,37 @@ def test_dreambooth_halves_draw_by_place_in_the_global_batch(tmp_path, lorakit_t
         alone = losses([i], i)  # [instance i, class i]
         torch.testing.assert_close(alone, whole[[i, 2 + i]], rtol=1e-5, atol=0)
     assert unet is trainer.components["unet"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_train_what_one_process_trains(tmp_path, lorakit_tiny_model):
+    """A multi-node launch as docs/usage.md writes it, two "machines" on this host (one CPU
+    process each, gloo over 127.0.0.1), each with its own launcher and --machine_rank."""
+    model = lorakit_tiny_model("sd15")
+    launch(1, model, tmp_path / "one", *SETTINGS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    port, out = str(_free_port()), tmp_path / "two-machines"
+    logs = [(tmp_path / f"machine{rank}.log").open("w") for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorakit.cli", "train", "--arch", "sd15",
+             "--model", str(model), "--data", str(example_data()), "--output", str(out), "--resolution", "32",
+             "--num-threads", "1", "--batch-size", str(GLOBAL_BATCH // 2), *SETTINGS],
+            stdout=subprocess.DEVNULL, stderr=logs[rank], env=env)
+        for rank in (0, 1)
+    ]  # (files, not pipes: a full pipe would stall one machine and with it the other)
+    for rank, machine in enumerate(machines):
+        code = machine.wait(timeout=600)
+        logs[rank].close()
+        assert code == 0, (tmp_path / f"machine{rank}.log").read_text()[-3000:]
+    check_same(weights(out), weights(tmp_path / "one"), "2 machines x 1 process x batch 2 vs 1 x 4")
