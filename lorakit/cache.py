@@ -173,7 +173,8 @@ class EncodingCache:
         dataset = self.batches.dataset if dataset is None else dataset
         samples = [dataset.examples[i][pos] for pos in range(dataset.group_size) for i in indices]
         augments = [self.augment(epoch, s) for s in samples]
-        rows = _rows(self.image_cache, [(s.key, a.flip) for s, a in zip(samples, augments)]) if self.cache_images else None
+        names = [(s.key, a.flip) for s, a in zip(samples, augments)]
+        rows = _rows(self.image_cache, names) if self.cache_images else None
         if rows is not None:
             images = _stacked(rows, self.device)
             meta = self.meta([self.cached_geometry(s, a) for s, a in zip(samples, augments)])

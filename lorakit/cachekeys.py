@@ -146,7 +146,8 @@ class Keys:
         return {n: self._once(("module", n), lambda n=n: module_fingerprint(self.components[n])) for n in names}
 
     def _tokenizers(self) -> dict:
-        names = [n for n, v in sorted(self.components.items()) if hasattr(v, "get_vocab") and hasattr(v, "model_max_length")]
+        names = [n for n, v in sorted(self.components.items())
+                 if hasattr(v, "get_vocab") and hasattr(v, "model_max_length")]
         return {n: self._once(("tok", n), lambda n=n: tokenizer_fingerprint(self.components[n])) for n in names}
 
     def _all_but(self, excluded) -> list[str]:

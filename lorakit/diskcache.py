@@ -104,7 +104,8 @@ class ShardStore:
         self.folder, self.rank = Path(folder), rank
         self.index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, entry number)
         self.image_sizes: dict[str, tuple] = {}  # image content hash -> (width, height), noted by writers
-        self._entries: dict[str, list] = {}  # shard name -> its entries as listed in its header
+        self._entries: dict[str, list] = {}  # shard name -> [(tensor names, checksum bytes)] per entry
+        self._names: dict = {}  # one tuple per distinct set of tensor names (memory per entry stays small)
         self._open: dict = {}
         self._pending: list = []  # (key, tensors, info) not yet in a sealed shard
         self._pending_bytes = 0
@@ -118,14 +119,8 @@ class ShardStore:
         from safetensors import safe_open
 
         listing = sorted(self.folder.glob(f"shard-*{_SUFFIX}"))
-        gone = set(self._entries) - {p.name for p in listing}
-        if gone:
-            kept = {name: entries for name, entries in self._entries.items() if name not in gone}
-            self.index, self.image_sizes, self._entries = {}, {}, {}
-            for name in gone:
-                self._open.pop(name, None)
-            for name, entries in kept.items():
-                self._add(name, entries)
+        if set(self._entries) - {p.name for p in listing}:  # shards deleted: index the rest anew
+            self.index, self.image_sizes, self._entries, self._open = {}, {}, {}, {}
         for path in listing:
             if path.name in self._entries:
                 continue
@@ -133,7 +128,8 @@ class ShardStore:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     entries = json.loads((f.metadata() or {})["lorakit_entries"])
             except Exception as exc:  # damaged after it was sealed (the rename makes a torn one impossible)
-                log.warning("encoding cache: ignoring unreadable shard %s (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("encoding cache: ignoring unreadable shard %s (%s)", path, reason)
                 self._entries[path.name] = []
                 continue
             self._add(path.name, entries)
@@ -151,13 +147,13 @@ class ShardStore:
         if where is None:
             return None
         name, number = where
-        entry = self._entries[name][number]
+        names, checksum = self._entries[name][number]
         try:
             handle = self._handle(name)
-            tensors = {t: handle.get_tensor(f"{number}/{t}") for t in entry["tensors"]}
+            tensors = {t: handle.get_tensor(f"{number}/{t}") for t in names}
         except Exception:  # the shard was truncated or deleted under us
             tensors = None
-        if tensors is None or entry_checksum(tensors) != entry["checksum"]:
+        if tensors is None or entry_checksum(tensors) != checksum.hex():
             log.warning("encoding cache: entry %s in %s is damaged; encoding it afresh", key[:12], name)
             del self.index[key]
             return None
@@ -211,12 +207,16 @@ class ShardStore:
         self._add(final.name, entries)
 
     def _add(self, name: str, entries: list) -> None:
-        self._entries[name] = entries
+        """Index a sealed shard's entries (as its header lists them), keeping little per entry."""
+        compact = []
         for number, entry in enumerate(entries):
+            names = tuple(entry["tensors"])
+            compact.append((self._names.setdefault(names, names), bytes.fromhex(entry["checksum"])))
             self.index.setdefault(entry["key"], (name, number))
             info = entry.get("info") or {}
             if "content" in info and "image_size" in info:
                 self.image_sizes.setdefault(info["content"], tuple(info["image_size"]))
+        self._entries[name] = compact
 
     def _remove_dead_temporaries(self) -> None:
         """Temporary shards left by a killed process of this host (its pid no longer runs)."""

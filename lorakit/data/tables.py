@@ -83,7 +83,8 @@ def _paths_without_bytes(column, name: str, rows: int = 4096):
         if pa.types.is_struct(values.type):
             names = {values.type.field(k).name for k in range(values.type.num_fields)}
             paths = pc.struct_field(values, "path").to_pylist() if "path" in names else [None] * len(values)
-            no_bytes = pc.is_null(pc.struct_field(values, "bytes")).to_pylist() if "bytes" in names else [True] * len(values)
+            no_bytes = ([True] * len(values) if "bytes" not in names
+                        else pc.is_null(pc.struct_field(values, "bytes")).to_pylist())
             yield from (p if empty else None for p, empty in zip(paths, no_bytes))
         elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             yield from values.to_pylist()

@@ -102,14 +102,16 @@ def child(spec: dict) -> None:
     trainer.run()
     rank = trainer.accelerator.process_index
     to_step1 = (progress.at or time.perf_counter()) - t0
-    print("BENCH " + json.dumps({
+    Path(os.environ["LORAKIT_BENCH_RESULTS"], f"rank-{rank}.json").write_text(json.dumps({
         "rank": rank, "imports_s": imports, "to_step1_s": to_step1, "start_to_step1_s": to_step1 + imports, "fill_s": fill_time.get("s"), "fill_cpu_s": fill_time.get("cpu"),
         "encoded": dict(trainer.cache.encoded), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }), flush=True)
+    }))
 
 
 def launch(spec: dict, processes: int = 1) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    results = Path(tempfile.mkdtemp(prefix="bench-results-"))  # one file per process (their stdout interleaves)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "LORAKIT_BENCH_RESULTS": str(results)}
     me = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     if processes == 1:
         argv = [sys.executable, *me]
@@ -120,8 +122,9 @@ def launch(spec: dict, processes: int = 1) -> list[dict]:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return sorted((json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("BENCH ")),
-                  key=lambda r: r["rank"])
+    ranks = sorted((json.loads(p.read_text()) for p in results.glob("rank-*.json")), key=lambda r: r["rank"])
+    shutil.rmtree(results)
+    return ranks
 
 
 def spec_for(model, data, out, cache_dir, steps=3) -> dict:
