@@ -79,6 +79,19 @@ class Batches:
             order = order + order
         return [order[b * global_batch : (b + 1) * global_batch][lo:hi] for b in range(len(order) // global_batch)]
 
+    def prepared(self, prepare, samples, augments) -> list:
+        """``[prepare(sample, augment), ...]`` in order, on ``--num-workers`` threads when set
+        (image decoding and resizing release the GIL). Each result depends only on its sample and
+        its augmentation (a function of (seed, epoch, sample)), never on the worker, so the
+        outcome is the same with any number of workers."""
+        workers = min(self.config.num_workers or 0, len(samples))
+        if workers < 2:
+            return [prepare(s, a) for s, a in zip(samples, augments)]
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lorakit-data") as pool:
+            return list(pool.map(prepare, samples, augments))
+
     def batches_per_epoch(self) -> int:
         if self._per_epoch is None:  # the same every epoch: one bucket plan's count, or len // global batch
             self._per_epoch = len(self.epoch_batches(0))

@@ -94,7 +94,8 @@ class EncodingCache:
                 group = by_size[size]
                 for i in range(0, len(group), CACHE_CHUNK):
                     chunk = group[i : i + CACHE_CHUNK]
-                    encoded = self.encode_images([self.prepare(s, Augment(flip=f)) for s, f in chunk])
+                    augments = [Augment(flip=f) for _, f in chunk]
+                    encoded = self.encode_images(self.batches.prepared(self.prepare, [s for s, _ in chunk], augments))
                     for j, (s, f) in enumerate(chunk):
                         self.image_cache[(s.key, f)] = {k: v[j].to("cpu") for k, v in encoded.items()}
         if not (self.cache_prompts or self.cached_encoders):
@@ -178,7 +179,7 @@ class EncodingCache:
             images = _stacked(rows, self.device)
             meta = self.meta([self.cached_geometry(s, a) for s, a in zip(samples, augments)])
         else:
-            prepared = [self.prepare(s, a) for s, a in zip(samples, augments)]
+            prepared = self.batches.prepared(self.prepare, samples, augments)
             images, meta = self.encode_images(prepared), self.meta(prepared)
         c = self.config
         captions = ["" if caption_dropped(c.seed, epoch, s.random_key, c.caption_dropout) else s.caption for s in samples]

@@ -123,12 +123,12 @@ def resume(state, candidates: list[Path], output_dir: Path, explicit: bool) -> P
     )
 
 
-def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None) -> Path:
+def save_checkpoint(state, output_dir: Path, write_lora, limit) -> Path:
     """``state.save`` recorded in the manifest; a full disk is one line saying what to do."""
     name = f"checkpoint-{state.global_step}"
     try:
         record(output_dir, name)
-        return state.save(output_dir, write_lora, limit, process_rng)
+        return state.save(output_dir, write_lora, limit)
     except Exception as exc:
         if not fsutil.is_disk_full(exc):
             raise
@@ -139,7 +139,7 @@ def save_checkpoint(state, output_dir: Path, write_lora, limit, process_rng=None
 
 def save_on_stop(trainer, stop) -> None:
     """Ctrl-C / SIGTERM: keep the work done. The optimizer and weights are those of the last
-    finished step; the RNG states go back to where that step ended, so resuming is exact."""
+    finished step; every draw is derived from the step, so resuming is exact."""
     t = trainer
     t.optimizer.zero_grad(set_to_none=True)
     if t.progress is not None and t.accelerator.is_main_process:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from lorakit.contract_outputs import SEED, compare_outputs, instance_inside, lora_layer_names, probing
 from lorakit.contract_outputs import with_trained_text
 from lorakit.errors import LorakitError
+from lorakit.rng import Rows
 
 
 def check_targets(c) -> dict:
@@ -59,8 +60,9 @@ def check_loss(c) -> dict:
         with c.calling("encode_text" if c.offers("encode_text") else "encode_prompt"):
             batch = with_trained_text(c.pm, c.info, trainer.lora_configs, trainer.components,
                                       trainer.make_batch(0, [0, 1]))
+        generator = torch.Generator().manual_seed(SEED)
         loss = c.pm.hook.compute_loss(components=trainer.components, batch=batch, config=trainer.config,
-                                      generator=torch.Generator().manual_seed(SEED))
+                                      generator=generator, rows=Rows.from_generator(generator, len(batch["captions"])))
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or tuple(loss.shape) != (2,):
         got = f"shape {tuple(loss.shape)} of {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         c.fail("compute_loss", f"returned {got} for a batch of 2, expected a float tensor of shape (2,): "
@@ -165,7 +167,7 @@ def check_resume(c) -> dict:
         if not torch.equal(a[key], b[key]):
             diff = float((a[key].float() - b[key].float()).abs().max())
             c.fail(hooks, f"{half} steps + resume + {steps - half} differ from {steps} straight steps at {key} "
-                          f"(max diff {diff:.3g}): draw every random number from compute_loss's generator, and "
+                          f"(max diff {diff:.3g}): draw every random number from compute_loss's rows, and "
                           "keep encoders pure")
     return {"tensors": len(a), "steps": f"{half}+{steps - half} == {steps}"}
 

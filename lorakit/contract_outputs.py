@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
+from lorakit.rng import Rows
+
 SEED = 1234
 
 
@@ -103,8 +105,9 @@ def denoiser_outputs(pm, info, trainer, components, batch) -> list:
     try:
         with probing(components, trainer.lora_configs):
             full = with_trained_text(pm, info, trainer.lora_configs, components, batch)
-            pm.hook.compute_loss(components=components, batch=full, config=trainer.config,
-                                 generator=torch.Generator().manual_seed(SEED))
+            generator = torch.Generator().manual_seed(SEED)
+            pm.hook.compute_loss(components=components, batch=full, config=trainer.config, generator=generator,
+                                 rows=Rows.from_generator(generator, len(full["captions"])))
     finally:
         hook.remove()
     return [t.detach().float().cpu() for t in captured]

@@ -152,14 +152,21 @@ def declare_options():
 
 
 @hookspec(firstresult=True)
-def compute_loss(components, batch, config, generator):
+def compute_loss(components, batch, config, generator, rows):
     """The training objective for one micro-batch.
 
     ``batch`` holds the outputs of :func:`encode_images` and :func:`encode_prompt` plus
     the per-image metadata, all on the training device. Draw every random number (noise,
-    timesteps) from ``generator`` (a CPU ``torch.Generator``) so runs are reproducible
-    and resumable. Returns a float tensor of shape ``(B,)``: the loss of each sample,
-    with any per-sample weighting (min-SNR, ...) already applied.
+    timesteps) from ``rows``, a :class:`lorakit.rng.Rows` with one CPU stream per row of the
+    batch (``rows.randn(shape)``, ``rand``, ``randint``, ``normal``, batch first; slice it as
+    you slice the batch), or pass it to the helpers of :mod:`lorakit.objectives`: each row's
+    draws then depend only on (seed, step, the sample's place in the global batch), so a run
+    gives the same result on 1 or N processes and resumes exactly on any process count.
+    ``generator`` (the contract before ``rows``; a plugin may keep declaring only it) is a
+    CPU ``torch.Generator`` seeded per micro-batch and process: draws from it make the run
+    reproducible and resumable on the same process count, not invariant across counts.
+    Returns a float tensor of shape ``(B,)``: the loss of each sample, with any per-sample
+    weighting (min-SNR, ...) already applied.
     """
 
 

@@ -2,9 +2,13 @@
 
 A ``checkpoint-N/`` folder holds everything needed to continue bit-for-bit: the LoRA
 weights (fp32, ``lora_params.safetensors``), optimizer and LR-scheduler state
-(``torch.load(weights_only=True)``, never plain unpickling), every process's RNG states,
-the grad scaler, the step, the process count and the config fingerprint
-(``training_state.json``); plus a ``pytorch_lora_weights.safetensors`` usable on its own.
+(``torch.load(weights_only=True)``, never plain unpickling), the grad scaler, the step, the
+process count and the config fingerprint (``training_state.json``); plus a
+``pytorch_lora_weights.safetensors`` usable on its own. No noise state is needed: every draw
+of step N is derived from (seed, N, the sample's place in the global batch) by
+:mod:`lorakit.rng`, so a checkpoint resumes exactly on any number of processes that splits
+the same global batch (``--batch-size`` x processes); ``rng_state.safetensors`` records the
+main process's generator states for the record and for older readers.
 A checkpoint is written to a temporary folder, every file fsynced, sealed with the sha256 of
 each file (``lorakit_checksums.json``, written last) and only then renamed, so an interrupted
 save never becomes the "latest" and later damage is found before a resume trusts it.
@@ -63,20 +67,6 @@ def rng_now(generator) -> tuple:
     return generator.get_state(), torch.get_rng_state()
 
 
-def gather_rng_states(accelerator, generator):
-    """Every process's ``(generator, torch)`` RNG states, in process order, when there are
-    several: each process draws its own noise, so a resume must give each its own back."""
-    import torch
-
-    if accelerator.num_processes == 1:
-        return None
-    generator_state, cpu = rng_now(generator)
-    mine = torch.cat([generator_state, cpu]).unsqueeze(0).to(accelerator.device)
-    everyone = accelerator.gather(mine).to("cpu")
-    n = generator_state.numel()
-    return [(row[:n].clone(), row[n:].clone()) for row in everyone]
-
-
 def check_processes_agree(accelerator, params) -> None:
     """With several processes every copy of the LoRA must be identical (gradients are
     averaged before each step); a mismatch means a broken setup, not a usable result."""
@@ -98,7 +88,7 @@ class TrainState:
     lora_modules: dict  # component name -> module carrying LoRA
     optimizer: object
     lr_scheduler: object
-    generator: object  # this process's CPU generator (noise, timesteps)
+    generator: object  # this process's CPU generator, reseeded per micro-batch (older plugins draw from it)
     scaler: object = None
     num_processes: int = 1
     process_index: int = 0
@@ -112,9 +102,8 @@ class TrainState:
             if "lora_" in pname
         }
 
-    def save(self, output_dir: Path, write_lora, limit: int | None = None, process_rng=None) -> Path:
-        """Write ``checkpoint-<global_step>``; ``write_lora(folder)`` writes the adapter file.
-        ``process_rng``: every process's ``(generator, torch)`` states when there are several."""
+    def save(self, output_dir: Path, write_lora, limit: int | None = None) -> Path:
+        """Write ``checkpoint-<global_step>``; ``write_lora(folder)`` writes the adapter file."""
         step = self.global_step
         final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
         if tmp.exists():
@@ -122,7 +111,7 @@ class TrainState:
         tmp.mkdir(parents=True)
         try:
             write_lora(tmp)
-            self._write(tmp, process_rng)
+            self._write(tmp)
             fsutil.seal(tmp, CHECKSUMS)
         except BaseException:  # a full disk, a kill: never leave half a checkpoint behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +139,7 @@ class TrainState:
         moments, and a little for the rest."""
         return sum(p.numel() * 4 for p in self.lora_params().values()) * 4 + (64 << 10)
 
-    def _write(self, folder: Path, process_rng) -> None:
+    def _write(self, folder: Path) -> None:
         import io
 
         import torch
@@ -167,9 +156,6 @@ class TrainState:
         write_torch("scheduler.pt", self.lr_scheduler.state_dict())
         generator_state, torch_state = rng_now(self.generator)
         rng = {"generator": generator_state, "torch": torch_state}
-        for rank, (generator_state, torch_state) in enumerate(process_rng or []):
-            if rank:
-                rng[f"generator.{rank}"], rng[f"torch.{rank}"] = generator_state, torch_state
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda{i}"] = s
@@ -190,7 +176,8 @@ class TrainState:
 
         state = json.loads((path / STATE_FILE).read_text())
         saved, now = state.get("config", {}), fingerprint(self.config)
-        different = [k for k in now if k in saved and saved[k] != now[k]]
+        self._check_global_batch(path, saved, state.get("num_processes", 1))
+        different = [k for k in now if k in saved and saved[k] != now[k] and k != "batch_size"]
         if different:
             details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in different)
             raise LorakitError(f"--resume {path} comes from a different run ({details}); use the same settings or --overwrite.")
@@ -202,26 +189,36 @@ class TrainState:
                 p.copy_(params[key].to(p.device, p.dtype))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
-        self._load_rng(path, load_file(str(path / RNG_FILE)), state.get("num_processes", self.num_processes))
+        self._load_rng(load_file(str(path / RNG_FILE)))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         return state
 
-    def _load_rng(self, path: Path, rng: dict, saved_world: int) -> None:
+    def _check_global_batch(self, path: Path, saved: dict, saved_world: int) -> None:
+        """A resume may change the process count, not the global batch (``--batch-size`` x
+        processes): the data order and every draw depend on the global batch only."""
+        if "batch_size" not in saved:
+            return
+        was, per, n = saved["batch_size"] * saved_world, self.config.batch_size, self.num_processes
+        if was == per * n:
+            if saved_world != n and self.process_index == 0:
+                log.info("%s was written by %d process(es), this run has %d: the same global batch of %d, "
+                         "the same training", path.name, saved_world, n, was)
+            return
+        fix = f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
+        raise LorakitError(
+            f"--resume {path} was trained with a global batch of {was} (--batch-size {saved['batch_size']} x "
+            f"{saved_world} process(es)), this run's is {per * n} (--batch-size {per} x {n}); {fix}."
+        )
+
+    def _load_rng(self, rng: dict) -> None:
+        """The main process's states as saved (nothing in training depends on them: every draw
+        is derived from the step); a checkpoint of an older lorakit may hold one per process."""
         import torch
 
-        rank = self.process_index
-        if saved_world != self.num_processes and rank == 0:
-            log.warning(
-                "%s was written by %d process(es), this run has %d: the data order and noise differ "
-                "from the interrupted run from here on", path, saved_world, self.num_processes,
-            )
-        suffix = f".{rank}" if rank else ""
-        if f"generator{suffix}" not in rng:
-            suffix = ""  # no state saved for this process: continue from the main process's
-        self.generator.set_state(rng[f"generator{suffix}"])
-        torch.set_rng_state(rng[f"torch{suffix}"])
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
             if len(cuda) == torch.cuda.device_count():

@@ -5,9 +5,12 @@ The update is guarded: a non-finite loss or gradient skips it, and an update tha
 LoRA weight non-finite (a huge learning rate) is undone, parameters and optimizer state
 both, so a non-finite tensor never reaches a checkpoint or the final file. Every process
 decides the same (the loss is averaged with the gradients, and the weights are identical).
-A run of bad steps stops with a clear error, and the RNG states at the end of each
-finished step are recorded so that a Ctrl-C between steps saves a checkpoint that resumes
-exactly.
+A run of bad steps stops with a clear error.
+
+Every random draw of a micro-batch is derived from (seed, global step, micro-batch within the
+step, each row's place in the global batch) by :mod:`lorakit.rng`, so the step computes the
+same global batch on 1 or N processes, and nothing random carries over from one step to the
+next: a checkpoint taken after any finished step resumes exactly, on any process count.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 import math
 import warnings
 
+from lorakit import rng
 from lorakit.errors import LorakitError, PluginError
-from lorakit.state import rng_now
+from lorakit.parallel import flatten_grads, reduce_across_processes, unflatten_grads  # noqa: F401  (older imports)
 
 log = logging.getLogger("lorakit")
 
@@ -125,43 +129,6 @@ def grad_norm(params, accelerator) -> float:
     return norm / scaler.get_scale() if scaler is not None and scaler.is_enabled() else norm
 
 
-def flatten_grads(params):
-    """``(buffer, params with a gradient)``: every gradient in one flat tensor."""
-    import torch
-
-    have = [p for p in params if p.grad is not None]
-    if not have:
-        return None, have
-    dtype = have[0].grad.dtype
-    for p in have[1:]:
-        dtype = torch.promote_types(dtype, p.grad.dtype)
-    return torch.cat([p.grad.reshape(-1).to(dtype) for p in have]), have
-
-
-def unflatten_grads(buffer, params) -> None:
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad = buffer[offset : offset + n].view_as(p.grad).to(p.grad.dtype)
-        offset += n
-
-
-def reduce_across_processes(accelerator, params, step_loss: float, device) -> float:
-    """Average the gradients and the step loss over the processes in ONE collective call."""
-    import torch
-
-    if accelerator.num_processes == 1:
-        return step_loss
-    buffer, have = flatten_grads(params)
-    loss = torch.tensor([step_loss], device=device)
-    joined = loss if buffer is None else torch.cat([buffer, loss.to(buffer.dtype)])
-    reduced = accelerator.reduce(joined, reduction="mean")
-    if buffer is not None:
-        unflatten_grads(reduced[:-1], have)
-    # the gradients are shared, so every process must take the same skip decision
-    return float(reduced[-1:].to(torch.float32))
-
-
 def make_optimizer(components, lora_configs, text_encoders, config, accelerator):
     """``(params, optimizer, lr_scheduler)`` over every LoRA parameter, one group per component
     (text encoders at ``--text-encoder-lr`` when given)."""
@@ -219,15 +186,17 @@ class Stepper:
         #: the gradient norm of the last update before clipping (None when it was skipped)
         self.grad_norm = None
         self.undo = UpdateUndo(params, state.optimizer)
-        #: RNG states at the end of the last finished step (what a Ctrl-C checkpoint saves)
-        self.finished_rng = None
 
-    def loss_on(self, batch, generator):
-        """Scalar loss and metrics for one assembled batch (trained text encoders run here)."""
+    def loss_on(self, batch, generator, rows=None):
+        """Scalar loss and metrics for one assembled batch (trained text encoders run here).
+        ``rows``: the batch's per-row draws (:class:`lorakit.rng.Rows`); without them, rows
+        seeded from ``generator`` (evaluation, checks)."""
         self.cache.add_trained_text(batch)
+        if rows is None:
+            rows = rng.Rows.from_generator(generator, len(batch["captions"]))
         with self.accelerator.autocast():
             per_sample = self.pm.hook.compute_loss(
-                components=self.cache.components, batch=batch, config=self.config, generator=generator
+                components=self.cache.components, batch=batch, config=self.config, generator=generator, rows=rows
             )
             check_per_sample_loss(per_sample, self.config.arch, len(batch["captions"]))
             loss, metrics = self.pm.hook.reduce_loss(per_sample_loss=per_sample, batch=batch, config=self.config)
@@ -237,11 +206,13 @@ class Stepper:
         """One optimizer step; returns ``(loss, metrics)`` averaged over its micro-batches."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation
-        self.finished_rng = rng_now(state.generator)
         step_loss, step_metrics = 0.0, {}
-        for _ in range(accum):
+        for micro in range(accum):
             epoch, indices = next(stream)
-            loss, metrics = self.loss_on(self.cache.make_batch(epoch, indices), state.generator)
+            batch = self.cache.make_batch(epoch, indices)
+            rows, global_seed = self.draws(micro, len(indices))
+            with rng.seeded_global_rng(global_seed, accelerator.device):  # LoRA dropout
+                loss, metrics = self.loss_on(batch, state.generator, rows)
             accelerator.backward(loss / accum)
             step_loss += float(loss.detach()) / accum
             for k, v in metrics.items():
@@ -253,28 +224,35 @@ class Stepper:
         if not finite:
             bad = "loss"
         state.global_step += 1
-        # the step is finished: a Ctrl-C from here on (checkpoint, samples) must save the RNG
-        # as it is now, as a regular checkpoint would, not as it was when the step began
-        self.finished_rng = rng_now(state.generator)
         self.updating = False
         self._count_bad(bad, step_loss)
         return step_loss, step_metrics
 
-    def rewind_to_finished_step(self) -> bool:
-        """After a Ctrl-C: put the RNG states back to where the last finished step ended; False
-        when that cannot give an exact checkpoint (inside an update, or several processes)."""
-        import torch
+    def draws(self, micro: int, examples: int):
+        """``(rows, global seed)`` of micro-batch ``micro`` of the step now computed, which holds
+        ``examples`` examples of this process: per-row streams keyed on the rows' places in the
+        global batch, and the seed of torch's global RNG for it (LoRA dropout draws there, over
+        the whole micro-batch: with dropout, results depend on how the global batch is split).
+        ``state.generator`` is reseeded too, for plugins of the older contract that draw from
+        ``generator`` (one stream per process: not process-count invariant)."""
+        config, step = self.config, self.state.global_step
+        rank = self.accelerator.process_index
+        groups = self.cache.batches.dataset.group_size
+        rows = rng.Rows.for_micro_batch(config.seed, step, micro, rank * examples, examples, groups)
+        self.state.generator.manual_seed(rng.derive_seed("process", config.seed, step, micro, rank))
+        return rows, rng.derive_seed("global", config.seed, step, micro, rank)
 
+    def rewind_to_finished_step(self) -> bool:
+        """After a Ctrl-C: whether a checkpoint of the last finished step can be saved now; False
+        when that cannot give an exact one (inside an update, or several processes). Nothing
+        random needs rewinding: every draw is derived from the step (:meth:`draws`)."""
         if self.updating:
             log.warning("interrupted during a weight update; the newest regular checkpoint stays the latest")
             return False
         if self.accelerator.num_processes > 1:
-            # the other processes' RNG states cannot be gathered safely once they are interrupted
+            # the other processes may be stopped inside the next step's collective: left to regular checkpoints
             log.warning("interrupted; with several processes the newest regular checkpoint stays the latest")
             return False
-        generator_state, torch_state = self.finished_rng
-        self.state.generator.set_state(generator_state)
-        torch.set_rng_state(torch_state)
         return True
 
     def _update(self, apply: bool) -> str | None:

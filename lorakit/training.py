@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, losscurve, outputs, saveformat, tracking, validation
+from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -29,7 +29,7 @@ from lorakit.data.samples import first_examples
 from lorakit.errors import LorakitError
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
-from lorakit.state import TrainState, check_processes_agree, gather_rng_states
+from lorakit.state import TrainState, check_processes_agree
 from lorakit.optimizers import make_optimizer, prepare_device
 from lorakit.step import Stepper
 
@@ -253,12 +253,11 @@ class Trainer:
         return outputs.write_lora(self.pm, self.components, self.lora_layers(), folder, self.config.arch)
 
     def save_checkpoint(self) -> Path | None:
-        process_rng = gather_rng_states(self.accelerator, self.generator)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         path = checkpoints.save_checkpoint(self.state, self.output_dir, self._write_lora,
-                                       self.config.checkpoints_limit, process_rng)
+                                       self.config.checkpoints_limit)
         self._say(f"saved {path}")
         losscurve.record(self)  # the losses so far: a resumed run's curve starts at step 1
         self.hub.checkpoint_saved(path)
@@ -330,6 +329,7 @@ def _start_accelerator(config):
                                "(accelerate launch --mixed_precision or its config file); drop one of them.")
         kwargs["mixed_precision"] = config.mixed_precision
     accelerator = Accelerator(**kwargs)
+    parallel.check_data_parallel(accelerator)
     config.mixed_precision = str(accelerator.mixed_precision)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         chosen = "--mixed-precision fp16" if config.given("mixed_precision") else "accelerate's fp16 (launch, config)"

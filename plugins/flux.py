@@ -130,7 +130,7 @@ class Flux(DiffusersArch):
         return out
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         import torch
         from diffusers import FluxPipeline
 
@@ -159,7 +159,7 @@ class Flux(DiffusersArch):
 
         # FLUX's scheduler shifts by image size (use_dynamic_shifting): mu from the token count
         scheduler_config = components["noise_scheduler"].config
-        return flow_matching_loss(predict, latents, config, generator, scheduler_config, image_seq_len=(h // 2) * (w // 2))
+        return flow_matching_loss(predict, latents, config, rows, scheduler_config, image_seq_len=(h // 2) * (w // 2))
 
     @hookimpl
     def write_tiny_model(self, path, seed):

@@ -100,7 +100,7 @@ class SD15(DiffusersArch):
         return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         from lorakit.objectives.ddpm import denoising_loss
 
         unet = components["unet"]
@@ -109,7 +109,7 @@ class SD15(DiffusersArch):
         def predict(noisy, timesteps):
             return unet(noisy.to(unet.dtype), timesteps, hidden, return_dict=False)[0]
 
-        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, generator)
+        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, rows)
 
     @hookimpl
     def write_tiny_model(self, path, seed):

@@ -122,7 +122,7 @@ class SD3(DiffusersArch):
         return merged
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         from lorakit.objectives.flow import flow_matching_loss
 
         transformer, scheduler = components["transformer"], components["noise_scheduler"]
@@ -136,7 +136,7 @@ class SD3(DiffusersArch):
                 pooled_projections=pooled, return_dict=False,
             )[0]
 
-        return flow_matching_loss(predict, batch["latents"].float(), config, generator, scheduler_config=scheduler.config)
+        return flow_matching_loss(predict, batch["latents"].float(), config, rows, scheduler_config=scheduler.config)
 
     @hookimpl
     def write_tiny_model(self, path, seed):

@@ -153,7 +153,7 @@ class SDXL(DiffusersArch):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": out.text_embeds}
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         from lorakit.objectives.ddpm import denoising_loss
 
         unet = components["unet"]
@@ -166,7 +166,7 @@ class SDXL(DiffusersArch):
         def predict(noisy, timesteps):
             return unet(noisy.to(unet.dtype), timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
 
-        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, generator)
+        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, rows)
 
     @hookimpl
     def write_tiny_model(self, path, seed):

@@ -100,6 +100,14 @@ def _earlier_run(ctx: Ctx) -> Path:
     return out
 
 
+def _checkpointed_run(ctx: Ctx, *extra) -> Path:
+    """A run with its checkpoint-1 (trained with ``extra``), for resume rows."""
+    out = ctx.tmp / "ck"
+    result = invoke(ctx.train("--checkpoint-every", "1", *extra, out=out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def _sdxl_folder(ctx: Ctx) -> Path:
     folder = ctx.folder("sdxl")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
@@ -417,6 +425,10 @@ ROWS = [
         'error: --lora {tmp}/nope.safetensors does not exist; pass a .safetensors file or a training output folder.'),
     Row("fuse-lora-other-arch", "fuse --arch sd15 --lora (an SDXL LoRA)", lambda c: _fuse(c, lora=c.shared["sdxl_lora"]),
         'error: --lora {shared}/sdxl-run/pytorch_lora_weights.safetensors does not fit --arch sd15 with --model {shared}/sd15 (unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: no such layer in the model); it is a LoRA for --arch sdxl.'),
+    # process-count invariance (tests/test_invariance.py): a resume may change the process count, not the global batch
+    Row("resume-other-global-batch", "train --resume latest --batch-size 1 (its checkpoint: --batch-size 2, 1 process)",
+        lambda c: c.train("--resume", "latest", "--batch-size", "1", out=_checkpointed_run(c, "--batch-size", "2")),
+        'error: --resume {tmp}/ck/checkpoint-1 was trained with a global batch of 2 (--batch-size 2 x 1 process(es)), this run\'s is 1 (--batch-size 1 x 1); use --batch-size 2.'),
 ]
 
 

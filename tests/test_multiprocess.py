@@ -38,14 +38,16 @@ def test_two_processes_train_one_adapter(tmp_path, lorakit_tiny_model):
 
 
 def test_two_processes_resume_exactly(tmp_path, lorakit_tiny_model):
-    """Each process draws its own noise; a resume gives each process its own RNG state back."""
+    """Every draw is derived from (seed, step, the sample's place in the global batch): a
+    checkpoint holds no per-process RNG state, and resuming on the same process count is
+    bit-exact (on another count: tests/test_invariance.py)."""
     model = lorakit_tiny_model("sd15")
     straight = _launch(model, tmp_path / "a", "--max-steps", "4", "--random-flip")
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = _launch(model, tmp_path / "b", "--max-steps", "2", "--checkpoint-every", "2", "--random-flip")
     assert first.returncode == 0, first.stderr[-3000:]
     rng = load_file(str(tmp_path / "b" / "checkpoint-2" / "rng_state.safetensors"))
-    assert not torch.equal(rng["generator"], rng["generator.1"])
+    assert sorted(rng) == ["generator", "torch"]  # the main process's, for the record only
     resumed = _launch(model, tmp_path / "b", "--max-steps", "4", "--random-flip", "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))

@@ -229,16 +229,19 @@ def _first_tensor(output):
 
 def _denoiser_outputs(pm, components, denoiser, batch, config, seed=0):
     """Every output of ``components[denoiser]`` while the arch's compute_loss runs on ``batch``
-    with a generator seeded ``seed``: the same noisy inputs for every denoiser compared."""
+    with rows seeded ``seed``: the same noisy inputs for every denoiser compared."""
     import torch
+
+    from lorakit.rng import Rows
 
     seen = []
     module = components[denoiser]
     handle = module.register_forward_hook(lambda _m, _args, out: seen.append(_first_tensor(out).detach().float()))
     try:
         with torch.no_grad():
-            pm.hook.compute_loss(components=components, batch=dict(batch), config=config,
-                                 generator=torch.Generator().manual_seed(seed))
+            generator = torch.Generator().manual_seed(seed)
+            pm.hook.compute_loss(components=components, batch=dict(batch), config=config, generator=generator,
+                                 rows=Rows.from_generator(generator, len(batch["captions"])))
     finally:
         handle.remove()
     assert seen, f"compute_loss never called the denoiser '{denoiser}'"

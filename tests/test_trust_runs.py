@@ -126,11 +126,11 @@ def test_sigterm_between_updates_rolls_the_step_back(model, trained, tmp_path, m
     calls = {"n": 0}
     original = Stepper.loss_on
 
-    def loss_on(self, batch, generator):
+    def loss_on(self, batch, generator, rows=None):
         calls["n"] += 1
         if calls["n"] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, generator)
+        return original(self, batch, generator, rows)
 
     monkeypatch.setattr(Stepper, "loss_on", loss_on)
     out = tmp_path / "out"

@@ -1,10 +1,11 @@
 """DDPM noise-prediction objective: epsilon / v-prediction targets, min-SNR weighting, noise offset.
 
 Plain functions over tensors and a diffusers noise scheduler; they know no architecture.
-All randomness comes from the CPU generator the core hands to ``compute_loss``, so the
-draws (and therefore a run) are the same on any device or process count. These functions
-moved here from ``lorakit.diffusion``; their arithmetic and draw order are unchanged, since
-recorded reference runs must stay bit-identical.
+All randomness comes from ``rows``, the :class:`lorakit.rng.Rows` the core hands to
+``compute_loss`` (one stream per sample, keyed on its place in the global batch), so the
+draws (and therefore a run) are the same on any device or process count. Where a function
+takes ``generator`` it accepts either a ``Rows`` or, as plugins written against the older
+contract pass, a ``torch.Generator``, drawn from as one batch as before.
 """
 
 from __future__ import annotations
@@ -70,18 +71,21 @@ def sample_noise(latents, generator, noise_offset: float = 0.0):
     (lets the model learn very dark or bright images)."""
     import torch
 
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    from lorakit import rng
+
+    noise = rng.randn(generator, latents.shape, torch.float32).to(latents.device, latents.dtype)
     if noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1]) + (1,) * (latents.ndim - 2), generator=generator)
+        offset = rng.randn(generator, (latents.shape[0], latents.shape[1]) + (1,) * (latents.ndim - 2))
         noise = noise + noise_offset * offset.to(latents.device, latents.dtype)
     return noise
 
 
 def sample_timesteps(scheduler, batch_size: int, generator, device):
-    import torch
+    """``batch_size`` integer timesteps, uniform over the scheduler's training steps."""
+    from lorakit import rng
 
     steps = scheduler.config.num_train_timesteps
-    return torch.randint(0, steps, (batch_size,), generator=generator).to(device).long()
+    return rng.randint(generator, 0, steps, (batch_size,)).to(device).long()
 
 
 def compute_snr(scheduler, timesteps):
@@ -125,7 +129,8 @@ def denoising_loss(model_fn, latents, scheduler, config, generator):
     """The standard epsilon / v-prediction objective, per sample.
 
     ``model_fn(noisy_latents, timesteps) -> prediction``. Applies noise offset and
-    min-SNR weighting from ``config``.
+    min-SNR weighting from ``config``. ``generator``: the ``rows`` of ``compute_loss`` (or a
+    ``torch.Generator``); each row draws its noise, then its timestep.
     """
     noise = sample_noise(latents, generator, config.noise_offset)
     timesteps = sample_timesteps(scheduler, latents.shape[0], generator, latents.device)

@@ -3,8 +3,10 @@
 A sample at noise level ``sigma`` in [0, 1] is ``(1 - sigma) * latents + sigma * noise``
 and the model predicts the velocity ``noise - latents``. The pieces follow diffusers'
 ``training_utils`` and ``FlowMatchEulerDiscreteScheduler`` formula for formula (the tests
-compare them), as plain functions over tensors; all randomness comes from the CPU
-``torch.Generator`` passed in, so a run draws the same on any device or process count.
+compare them), as plain functions over tensors; all randomness comes from the
+:class:`lorakit.rng.Rows` passed in as ``generator`` (one stream per sample; a
+``torch.Generator``, the older contract, is drawn from as one batch), so a run draws the same
+on any device or process count.
 
 Two deliberate differences from diffusers' example training scripts, which index the
 scheduler's descending 1000-step table with ``u``: here ``sigma`` *is* the drawn ``u``
@@ -104,14 +106,16 @@ def sample_density(batch_size: int, generator, scheme: str = "logit_normal", log
     """
     import torch
 
+    from lorakit import rng
+
     if scheme == "logit_normal":
-        u = torch.normal(mean=logit_mean, std=logit_std, size=(batch_size,), generator=generator)
+        u = rng.normal(generator, logit_mean, logit_std, (batch_size,))
         return torch.nn.functional.sigmoid(u)
     if scheme == "mode":
-        u = torch.rand(size=(batch_size,), generator=generator)
+        u = rng.rand(generator, (batch_size,))
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if scheme == "uniform":
-        return torch.rand(size=(batch_size,), generator=generator)
+        return rng.rand(generator, (batch_size,))
     raise ValueError(f"unknown timestep density '{scheme}'; known: {', '.join(DENSITIES)}")
 
 
@@ -202,11 +206,14 @@ def flow_matching_loss(model_fn, latents, config, generator, scheduler_config=No
     (SD3's and Sana's transformers take ``sigmas * 1000``; FLUX's takes ``sigmas`` as they are).
     ``config`` supplies the options of :data:`FLOW_OPTIONS`; ``scheduler_config`` (the
     model scheduler's config) and ``image_seq_len`` pick the shift, see
-    :func:`shift_for_scheduler`. Draws from ``generator``: the noise, then the noise levels.
+    :func:`shift_for_scheduler`. Draws from ``generator`` (``compute_loss``'s ``rows``, or a
+    ``torch.Generator``): each row its noise, then its noise level.
     """
     import torch
 
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    from lorakit import rng
+
+    noise = rng.randn(generator, latents.shape, torch.float32).to(latents.device, latents.dtype)
     u = sample_density(
         latents.shape[0],
         generator,

@@ -11,11 +11,12 @@ never re-implements an architecture; it only uses hooks the arch already has:
   batch, then on the class half, and concatenates the per-sample losses.
 * ``reduce_loss``: instance loss + ``--prior-loss-weight`` x prior loss, reporting both.
 
-The instance half draws exactly the random numbers a plain run would draw (same
-generator, same order, same global RNG stream), so ``--prior-loss-weight 0`` trains the
-same weights as a plain run on the instance images. The class half draws from a
-generator *derived* from the shared one's state without advancing it: a plain function
-of the checkpointed state, so resuming stays exact.
+The instance half draws exactly the random numbers a plain run would draw (the rows of
+the instance samples are keyed as a plain run's, the same global RNG stream), so
+``--prior-loss-weight 0`` trains the same weights as a plain run on the instance images.
+The class half draws from its own rows (the second sample of each example, keyed apart
+from the first); an arch of the older contract gets a generator *derived* from the shared
+one's state without advancing it. Either is a function of the step, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -82,22 +83,27 @@ class DreamBooth:
         return build_pairs(config, components, pm)
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, generator, rows):
         if self.pm is None:
             raise RuntimeError("dreambooth: compute_loss called before build_dataset")
         arch_loss = self.pm.subset_hook_caller("compute_loss", remove_plugins=[self])
         if PRIOR_KEY not in batch:  # not a paired batch (e.g. a held-out plain set): the arch's loss as is
-            return _required(arch_loss(components=components, batch=batch, config=config, generator=generator), config)
+            return _required(
+                arch_loss(components=components, batch=batch, config=config, generator=generator, rows=rows), config
+            )
         instance_batch, class_batch = split_batch(batch)
+        half = int(batch[PRIOR_KEY].shape[0]) // 2
         instance = _required(
-            arch_loss(components=components, batch=instance_batch, config=config, generator=generator), config
+            arch_loss(components=components, batch=instance_batch, config=config, generator=generator,
+                      rows=rows[:half]), config
         )
         import torch
 
         seed = derived_seed(generator)
         class_generator = torch.Generator().manual_seed(seed)
         with _forked_global_rng(seed):
-            prior = arch_loss(components=components, batch=class_batch, config=config, generator=class_generator)
+            prior = arch_loss(components=components, batch=class_batch, config=config, generator=class_generator,
+                              rows=rows[half:])
         return torch.cat([instance, prior.to(instance.dtype)])
 
     @hookimpl

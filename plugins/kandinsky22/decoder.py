@@ -109,7 +109,7 @@ class Decoder(Kandinsky22):
         return {}  # the decoder never sees text; the prior does
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         from lorakit.diffusion import denoising_loss
 
         unet = components["unet"]
@@ -119,7 +119,7 @@ class Decoder(Kandinsky22):
             out = unet(noisy.to(unet.dtype), timesteps, None, added_cond_kwargs=added, return_dict=False)[0]
             return out[:, : noisy.shape[1]]  # the rest is the learned variance
 
-        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, generator)
+        return denoising_loss(predict, batch["latents"].float(), components["noise_scheduler"], config, rows)
 
     @hookimpl
     def build_pipeline(self, components, config):

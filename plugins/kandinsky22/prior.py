@@ -111,7 +111,7 @@ class Prior(Kandinsky22):
         }
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         import torch
 
         from lorakit.diffusion import compute_snr, per_sample_mse, sample_noise, sample_timesteps, target_for
@@ -119,8 +119,8 @@ class Prior(Kandinsky22):
         prior, scheduler = components["prior"], components["noise_scheduler"]
         embeds = batch["image_embeds"].float()
         clean = (embeds - prior.clip_mean.float()) / prior.clip_std.float()
-        noise = sample_noise(clean, generator)
-        timesteps = sample_timesteps(scheduler, clean.shape[0], generator, clean.device)
+        noise = sample_noise(clean, rows)
+        timesteps = sample_timesteps(scheduler, clean.shape[0], rows, clean.device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = prior(
             noisy.to(prior.dtype),

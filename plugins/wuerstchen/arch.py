@@ -96,10 +96,10 @@ class Wuerstchen(DiffusersArch):
         return {"prompt_embeds": out.last_hidden_state}
 
     @hookimpl
-    def compute_loss(self, components, batch, config, generator):
+    def compute_loss(self, components, batch, config, rows):
         from .objective import compute_loss
 
-        return compute_loss(components, batch, config, generator)
+        return compute_loss(components, batch, config, rows)
 
     @hookimpl
     def save_lora(self, components, lora_layers, output_dir, weight_name):

@@ -37,15 +37,17 @@ def base_dropout_off(module) -> None:
             sub.eval()
 
 
-def sample_timesteps(batch_size: int, generator, device):
-    """Continuous timesteps ``t ~ U[0, 1)`` as the original stage-C training draws them."""
-    import torch
+def sample_timesteps(batch_size: int, rows, device):
+    """Continuous timesteps ``t ~ U[0, 1)`` as the original stage-C training draws them
+    (``rows``: a :class:`lorakit.rng.Rows`, or a ``torch.Generator``)."""
+    from lorakit import rng
 
-    return torch.rand((batch_size,), generator=generator, dtype=torch.float32).to(device)
+    return rng.rand(rows, (batch_size,)).to(device)
 
 
-def compute_loss(components, batch, config, generator):
-    """Per-sample noise-prediction loss of the prior; every draw comes from ``generator``."""
+def compute_loss(components, batch, config, rows):
+    """Per-sample noise-prediction loss of the prior; every draw comes from ``rows``, each
+    row its noise, then its timestep."""
     import torch
 
     from lorakit.objectives.ddpm import per_sample_mse, sample_noise
@@ -53,8 +55,8 @@ def compute_loss(components, batch, config, generator):
     prior, scheduler = components["prior"], components["noise_scheduler"]
     base_dropout_off(prior)
     embeds = batch["image_embeds"].float()
-    noise = sample_noise(embeds, generator, config.noise_offset)
-    timesteps = sample_timesteps(embeds.shape[0], generator, embeds.device)
+    noise = sample_noise(embeds, rows, config.noise_offset)
+    timesteps = sample_timesteps(embeds.shape[0], rows, embeds.device)
     noisy = scheduler.add_noise(embeds, noise, timesteps)
     prediction = prior(
         noisy.to(prior.dtype), timesteps.to(prior.dtype), batch["prompt_embeds"].to(prior.dtype)
