@@ -60,7 +60,7 @@ class EncodingCache:
             from lorakit.diskcache import open_store
 
             self.store = open_store(config, rank=batches.rank)
-            self.keys = Keys(pm, components, info, config.arch, device)
+            self.keys = Keys(pm, components, info, config.arch, device, getattr(config, "image_interpolation_mode", None) or "bicubic")
         self.image_cache = self.lazy()
         self.prompt_cache = self.lazy()
         self.text_cache: dict = {}
@@ -148,7 +148,8 @@ class EncodingCache:
     def prepare(self, sample, augment):
         """``(pixels, original (h, w), crop (top, left), target (h, w))`` of one sample."""
         size = self.batches.size_of(sample)
-        return (*prepare_image(sample.open(), self.batches.resolution, augment, size), (size[1], size[0]))
+        mode = getattr(self.config, "image_interpolation_mode", None) or "bicubic"
+        return (*prepare_image(sample.open(), self.batches.resolution, augment, size, mode), (size[1], size[0]))
 
     def meta(self, prepared) -> dict:
         import torch

@@ -136,8 +136,9 @@ def code_identity(pm, arch: str, device) -> str:
 class Keys:
     """Keys of one run's entries; fingerprints are computed once, when first needed."""
 
-    def __init__(self, pm, components, info, arch: str, device):
+    def __init__(self, pm, components, info, arch: str, device, interpolation: str = "bicubic"):
         self.pm, self.components, self.info, self.arch, self.device = pm, components, info, arch, device
+        self.interpolation = interpolation  # the resize filter (--image-interpolation-mode)
         self._memo: dict = {}
         self.content: dict = {}  # sample key -> content hash
 
@@ -195,8 +196,9 @@ class Keys:
 
     def image(self, sample, size, flip: bool) -> str:
         """Key of a centre-cropped image at ``size = (w, h)`` (crop and resize follow from the
-        content, the size and the flip; the code that derives them is in :meth:`code`)."""
-        return digest("image", self.image_encoders(), self.content_of(sample), list(size), bool(flip), "centre")
+        content, the size, the flip and the resize filter; the code that derives them is in :meth:`code`)."""
+        return digest("image", self.image_encoders(), self.content_of(sample), list(size), bool(flip), "centre",
+                      self.interpolation)
 
     def text(self, caption: str, encoder: str | None) -> str:
         return digest("text", self.text_encoders(encoder), encoder, caption)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.images import INTERPOLATION
 from lorakit.options import Option, by_name
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -56,6 +57,8 @@ CORE_OPTIONS = (
            default_text="$LORAKIT_CACHE_DIR/encodings, else ~/.cache/lorakit/encodings"),
     Option("num_workers", int, 0, "Threads decoding and augmenting a batch's images (0: none).", minimum=0, panel=_DATA,
            aliases=("dataloader_workers",), flags=("--num-workers", "--dataloader-workers")),
+    Option("image_interpolation_mode", str, "bicubic", "Filter that resizes images to the training size "
+           "(diffusers' script defaults to lanczos).", choices=INTERPOLATION, panel=_DATA, resume=True),
     Option("max_train_samples", int, None, "Train on the first N examples of the data only (in the data's order).",
            minimum=1, panel=_DATA, resume=True, default_text="all"),
     Option("rank", int, 4, "LoRA rank.", minimum=1, panel=_LORA, resume=True),

@@ -110,13 +110,28 @@ def crop_geometry(width: int, height: int, size: tuple[int, int], augment: Augme
     return (new_w, new_h), (top, left)
 
 
-def prepare_image(image, resolution: int, augment: Augment, size: tuple[int, int] | None = None):
+#: ``--image-interpolation-mode``'s choices: PIL's resampling filters by the names diffusers'
+#: script uses (its torchvision InterpolationMode names; ``nearest_exact`` is PIL's ``nearest``).
+INTERPOLATION = ("bicubic", "bilinear", "lanczos", "box", "hamming", "nearest", "nearest_exact")
+
+
+def resampling(mode: str):
+    """PIL's filter for an ``--image-interpolation-mode`` name."""
+    from PIL import Image
+
+    name = {"nearest_exact": "nearest"}.get(mode, mode)
+    return getattr(Image.Resampling, name.upper())
+
+
+def prepare_image(image, resolution: int, augment: Augment, size: tuple[int, int] | None = None,
+                  interpolation: str = "bicubic"):
     """Resize to cover ``size = (width, height)`` (default: ``resolution`` square, i.e. the
     short side becomes ``resolution``), crop, maybe flip.
 
     Returns ``(pixel_values, original_size, crop_top_left)``: a ``(3, H, W)`` float tensor
     in ``[-1, 1]``, the image's ``(height, width)`` before resizing, and the crop's
-    ``(top, left)`` in resized pixels (some archs condition on both).
+    ``(top, left)`` in resized pixels (some archs condition on both). ``interpolation`` names
+    the resize filter (:data:`INTERPOLATION`).
     """
     import numpy as np
     import torch
@@ -127,7 +142,7 @@ def prepare_image(image, resolution: int, augment: Augment, size: tuple[int, int
     original_size = (image.height, image.width)
     (new_w, new_h), (top, left) = crop_geometry(image.width, image.height, size, Augment(crop_jitter=augment.crop_jitter))
     if (new_w, new_h) != (image.width, image.height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        image = image.resize((new_w, new_h), resampling(interpolation))
     image = image.crop((left, top, left + size[0], top + size[1]))
     if augment.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

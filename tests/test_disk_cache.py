@@ -270,3 +270,22 @@ def test_a_dataset_on_disk_is_cached_by_row_content(model, tmp_path):
     save(tmp_path / "changed", colours[:3] + [(1, 2, 3)])  # one row's image (and so its caption) changes
     changed = run(model, tmp_path / "changed", tmp_path / "c", cache)[0]
     assert changed.cache.encoded == {"images": 1, "text": 1}
+
+
+def test_image_interpolation_mode_resizes_with_its_filter_and_keys_the_cache(model, data, tmp_path):
+    """--image-interpolation-mode: another filter gives other pixels, so other encodings (the
+    images re-encoded, the captions reused) and another LoRA; bicubic is the default."""
+    from lorakit.images import Augment, prepare_image
+
+    wide = Image.effect_noise((96, 64), 60).convert("RGB")
+    bicubic = prepare_image(wide, 32, Augment())[0]
+    assert torch.equal(prepare_image(wide, 32, Augment(), interpolation="bicubic")[0], bicubic)
+    lanczos = prepare_image(wide, 32, Augment(), interpolation="lanczos")[0]
+    assert not torch.equal(lanczos, bicubic) and lanczos.shape == bicubic.shape
+    cache = tmp_path / "cache"
+    default, a = run(model, data, tmp_path / "a", cache)
+    assert default.config.image_interpolation_mode == "bicubic"
+    other, b = run(model, data, tmp_path / "b", cache, image_interpolation_mode="lanczos")
+    assert other.cache.encoded == {"images": images_in(data)}
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert run(model, data, tmp_path / "c", cache, image_interpolation_mode="lanczos")[0].cache.encoded == {}
