@@ -76,13 +76,20 @@ def _loading(config, info, output_dir) -> list[str]:
     with_config = f" --model-config {model_config}" if single and model_config else ""
     load = (f'from_single_file("{config.model}"' + (f', config="{model_config}")' if model_config else ")")
             if single else f'from_pretrained("{config.model}")')
-    lines = ["", "## Use it", "", f"Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Generate with",
-             f'`lorakit generate --arch {config.arch} --model {config.model}{with_config} --lora {WEIGHT_NAME} --prompt "..."`.']
-    if info.pipeline_loads_lora:
+    kohya = _kohya_file(config, output_dir)
+    if getattr(config, "save_format", None) == "kohya":  # no diffusers file: the kohya one is the LoRA
+        name = kohya or "the kohya-format .safetensors file"
+        lines = ["", "## Use it", "", f"Weights: `{name}` (kohya format, `--save-format kohya`). Generate with",
+                 f'`lorakit generate --arch {config.arch} --model {config.model}{with_config} --lora {name} --prompt "..."`;',
+                 f"`lorakit convert {name} {WEIGHT_NAME} --arch {config.arch} --to diffusers` writes the diffusers-format",
+                 "file with its adapter configs."]
+    else:
+        lines = ["", "## Use it", "", f"Weights: `{WEIGHT_NAME}` (diffusers format with adapter metadata). Generate with",
+                 f'`lorakit generate --arch {config.arch} --model {config.model}{with_config} --lora {WEIGHT_NAME} --prompt "..."`.']
+    if info.pipeline_loads_lora and getattr(config, "save_format", None) != "kohya":
         lines += ["", "In diffusers:", "", "```python", f"from diffusers import {pipeline}", "",
                   f"pipe = {pipeline}.{load}",
                   f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name=\"{WEIGHT_NAME}\")", "```"]
-    kohya = _kohya_file(config, output_dir)
     if kohya:
         stem = Path(kohya).stem
         lines += ["", f"In A1111 / Forge: copy `{kohya}` into `models/Lora` and add `<lora:{stem}:0.8>` to the prompt.",

@@ -183,7 +183,10 @@ def _start_latest_from_zero(output_dir: Path, config) -> None:
         saved = json.loads((output_dir / RUN_CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         saved = None
-    if not isinstance(saved, dict) or (output_dir / WEIGHT_NAME).exists():
+    from lorakit.saveformat import kohya_file_name
+
+    finished = any((output_dir / name).exists() for name in (WEIGHT_NAME, kohya_file_name(output_dir)))
+    if not isinstance(saved, dict) or finished:
         raise LorakitError(
             f"--resume latest: {output_dir} holds a finished or checkpoint-less run; "
             "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."

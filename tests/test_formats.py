@@ -241,6 +241,12 @@ def test_save_format_kohya_writes_only_the_kohya_file(runs, tmp_path):
     from lorakit.formats.read import open_lora
 
     assert open_lora(out).path == result.weights  # the output folder names its kohya file
+    card = (out / "README.md").read_text()
+    assert "Weights: `only-kohya.safetensors` (kohya format" in card and "pytorch_lora_weights" not in card.split(
+        "## Use it")[1].split("lorakit convert")[0]
+    # a finished kohya-only run is finished: --resume latest does not quietly start it again
+    with pytest.raises(LorakitError, match="finished or checkpoint-less run"):
+        lorakit.train(tiny_config("sd15", model, example_data(), out, max_steps=1, save_format="kohya", resume="latest"))
 
 
 def test_save_format_mistakes_are_one_line(runs, tmp_path):
