@@ -84,7 +84,6 @@ def make_optimizer(components, lora_configs, text_encoders, config, accelerator)
     from diffusers.optimization import get_scheduler
 
     from lorakit import lora
-    from lorakit.step import check_fits_float32
 
     c = config
     factor = lr_factor(c, accelerator.num_processes)
@@ -102,3 +101,26 @@ def make_optimizer(components, lora_configs, text_encoders, config, accelerator)
     scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
                               num_training_steps=c.max_steps)
     return params, accelerator.prepare_optimizer(optimizer), scheduler
+
+
+def check_fits_float32(config) -> None:
+    """Refuse optimizer settings the fp32 update cannot hold (torch raises an overflow
+    RuntimeError mid-step for them): AdamW's first step size, lr / (1 - beta1), and the
+    learning rates' product with the weight decay."""
+    import torch
+
+    top = float(torch.finfo(torch.float32).max)
+    rates = [("--learning-rate", config.learning_rate)]
+    if config.text_encoder_lr:
+        rates.append(("--text-encoder-lr", config.text_encoder_lr))
+    for flag, lr in rates:
+        if lr / (1 - config.adam_beta1) > top:
+            raise LorakitError(
+                f"{flag} {lr:g} is beyond float32's range for AdamW (lr / (1 - --adam-beta1) must stay under "
+                f"{top:.3g}); use a learning rate such as 1e-4."
+            )
+        if lr * config.adam_weight_decay > top:
+            raise LorakitError(
+                f"{flag} {lr:g} times --adam-weight-decay {config.adam_weight_decay:g} is beyond float32's range; "
+                "lower one of them (defaults 1e-4 and 0.01)."
+            )

@@ -56,8 +56,9 @@ def all_finite(tensors) -> bool:
 
 
 class UpdateUndo:
-    """What one optimizer step changes (the LoRA parameters and their optimizer state), copied
-    before the step into buffers reused from step to step, so a bad update can be undone."""
+    """What one optimizer step changes (the LoRA parameters, their optimizer state and each
+    parameter group's own entries, e.g. Prodigy's step-size estimate ``d``), copied before the
+    step into buffers reused from step to step, so a bad update can be undone."""
 
     def __init__(self, params, optimizer):
         self.params = list(params)
@@ -65,6 +66,7 @@ class UpdateUndo:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
         self._params = None
         self._state: dict = {}
+        self._groups: list = []
 
     def save(self) -> None:
         import torch
@@ -82,6 +84,10 @@ class UpdateUndo:
                     continue
                 old = old or {}
                 self._state[i] = {k: _copy_into(old.get(k), v) for k, v in state[p].items()}
+            groups = self.optimizer.param_groups
+            old = self._groups if len(self._groups) == len(groups) else [{} for _ in groups]
+            self._groups = [{k: _copy_into(o.get(k), v) for k, v in g.items() if k != "params"}
+                            for g, o in zip(groups, old)]
 
     def state_tensors(self) -> list:
         """The optimizer's floating-point state tensors of the LoRA parameters (moments etc.)."""
@@ -103,6 +109,8 @@ class UpdateUndo:
                     state.pop(p, None)
                 else:
                     state[p] = {k: _copy_into(None, v) for k, v in saved.items()}
+            for group, saved in zip(self.optimizer.param_groups, self._groups):
+                group.update({k: _copy_into(None, v) for k, v in saved.items()})
 
 
 def _copy_into(buffer, value):
@@ -127,51 +135,6 @@ def grad_norm(params, accelerator) -> float:
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     scaler = getattr(accelerator, "scaler", None)
     return norm / scaler.get_scale() if scaler is not None and scaler.is_enabled() else norm
-
-
-def make_optimizer(components, lora_configs, text_encoders, config, accelerator):
-    """``(params, optimizer, lr_scheduler)`` over every LoRA parameter, one group per component
-    (text encoders at ``--text-encoder-lr`` when given)."""
-    import torch
-    from diffusers.optimization import get_scheduler
-
-    from lorakit import lora
-
-    c = config
-    check_fits_float32(c)
-    groups = []
-    for name in lora_configs:
-        lr = c.text_encoder_lr if name in text_encoders and c.text_encoder_lr else c.learning_rate
-        groups.append({"params": lora.lora_parameters(components[name]), "lr": lr, "name": name})
-    params = [p for g in groups for p in g["params"]]
-    betas = (c.adam_beta1, c.adam_beta2)
-    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
-    scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
-                              num_training_steps=c.max_steps)
-    return params, accelerator.prepare_optimizer(optimizer), scheduler
-
-
-def check_fits_float32(config) -> None:
-    """Refuse optimizer settings the fp32 update cannot hold (torch raises an overflow
-    RuntimeError mid-step for them): AdamW's first step size, lr / (1 - beta1), and the
-    learning rates' product with the weight decay."""
-    import torch
-
-    top = float(torch.finfo(torch.float32).max)
-    rates = [("--learning-rate", config.learning_rate)]
-    if config.text_encoder_lr:
-        rates.append(("--text-encoder-lr", config.text_encoder_lr))
-    for flag, lr in rates:
-        if lr / (1 - config.adam_beta1) > top:
-            raise LorakitError(
-                f"{flag} {lr:g} is beyond float32's range for AdamW (lr / (1 - --adam-beta1) must stay under "
-                f"{top:.3g}); use a learning rate such as 1e-4."
-            )
-        if lr * config.adam_weight_decay > top:
-            raise LorakitError(
-                f"{flag} {lr:g} times --adam-weight-decay {config.adam_weight_decay:g} is beyond float32's range; "
-                "lower one of them (defaults 1e-4 and 0.01)."
-            )
 
 
 class Stepper:

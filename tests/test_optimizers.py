@@ -133,3 +133,36 @@ def test_dataloader_workers_is_the_scripts_name_for_num_workers(tmp_path, model)
                                       "--output", str(tmp_path / "o"), "--dataloader-workers", "2", "--print-config"])
     assert result.exit_code == 0, result.output
     assert "num_workers: 2" in result.stdout.splitlines()
+
+
+def test_an_undone_update_also_restores_the_optimizers_group_state():
+    """A bad update is undone whole: besides the weights and per-parameter state, the entries an
+    optimizer keeps per parameter group (Prodigy's step-size estimate d, its counters)."""
+    import torch
+
+    from lorakit.step import UpdateUndo
+
+    class GroupState(torch.optim.SGD):  # like Prodigy: an estimate kept in the group
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["d"] = group["d"] * 2.0
+                group["k"] += 1
+            return super().step(closure)
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = GroupState([{"params": [weight], "d": 1e-6, "k": 0}], lr=0.1, momentum=0.9)
+    undo = UpdateUndo([weight], opt)
+    for _ in range(2):  # a good step first: state exists, buffers are reused on the next save
+        undo.save()
+        weight.grad = torch.ones(3)
+        opt.step()
+    before = (weight.detach().clone(), dict((k, v) for k, v in opt.param_groups[0].items() if k != "params"),
+              opt.state[weight]["momentum_buffer"].clone())
+    undo.save()
+    weight.grad = torch.full((3,), float("nan"))
+    opt.step()
+    undo.restore()
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    assert torch.equal(weight.detach(), before[0]) and group == before[1]
+    assert torch.equal(opt.state[weight]["momentum_buffer"], before[2])
+    assert opt.param_groups[0]["params"] == [weight]
