@@ -179,3 +179,19 @@ def check_model_matches(path: Path, arch: str, pm, other_archs) -> dict:
         f"--model {path} is not a diffusers model that --arch {arch} can train ({found}; expected "
         f"{expected}); pass a diffusers-format folder or hub id."
     )
+
+
+def load_components(pm, model_path, config, device, weight_dtype) -> dict:
+    """The arch's ``load_components``, every module frozen; a damaged model folder is one line."""
+    import torch
+
+    try:
+        components = pm.hook.load_components(model_path=model_path, config=config, device=device,
+                                             weight_dtype=weight_dtype)
+    except OSError as exc:  # a missing or damaged weight/config file inside the folder
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"--model {config.model} could not be loaded: {first}; re-download it.") from None
+    for value in components.values():
+        if isinstance(value, torch.nn.Module):
+            value.requires_grad_(False)
+    return components

@@ -27,6 +27,7 @@ from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
 from lorakit.data.samples import first_examples
 from lorakit.errors import LorakitError
+from lorakit.models import load_components
 from lorakit.locking import RunGuard, StopRequested  # noqa: F401  (StopRequested: for callers)
 from lorakit.outputs import WEIGHT_NAME  # noqa: F401  (imported from here by older code)
 from lorakit.state import TrainState, check_processes_agree
@@ -124,19 +125,7 @@ class Trainer:
         self.info = self.pm.hook.arch_info()
 
     def _load_components(self) -> dict:
-        import torch
-
-        try:
-            components = self.pm.hook.load_components(
-                model_path=self.model_path, config=self.config, device=self.device, weight_dtype=self.weight_dtype
-            )
-        except OSError as exc:  # a missing or damaged weight/config file inside the folder
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise LorakitError(f"--model {self.config.model} could not be loaded: {first}; re-download it.") from None
-        for value in components.values():
-            if isinstance(value, torch.nn.Module):
-                value.requires_grad_(False)
-        return components
+        return load_components(self.pm, self.model_path, self.config, self.device, self.weight_dtype)
 
     def _add_lora(self):
         import torch
@@ -245,7 +234,7 @@ class Trainer:
         if guard.received is not None:
             log.warning("%s arrived while writing the final files; the run is complete",
                         signal.Signals(guard.received).name)
-        log.info("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
+        (log.info if main else log.debug)("trained %d steps in %.1fs", self.global_step, time.perf_counter() - started)
         return TrainResult(self.output_dir, weights, self.global_step, self.losses)
 
     # ------------------------------------------------------------------ outputs

@@ -35,6 +35,8 @@ def test_two_processes_train_one_adapter(tmp_path, lorakit_tiny_model):
     assert len(load_file(str(out / "pytorch_lora_weights.safetensors"))) > 0
     assert (out / "checkpoint-3" / "optimizer.pt").is_file()
     assert proc.stdout.count("step 3/3") == 1  # progress only from the main process
+    # and the closing lines once, not once per process
+    assert proc.stdout.count(" (3 steps)\n") == 1 and proc.stderr.count("trained 3 steps") == 1
 
 
 def test_two_processes_resume_exactly(tmp_path, lorakit_tiny_model):
