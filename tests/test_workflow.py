@@ -224,7 +224,8 @@ def test_the_guides_naruto_command_runs_offline_and_logs_to_tensorboard(model, t
                  "$OUTPUT_DIR": str(tmp_path / "naruto")}
     args = [stand_ins.get(a, a) for a in guide_command()]
     # tiny sizes and a short run instead of 512 px and 15000 steps; the rest as the guide has it
-    small = {"--resolution": "32", "--gradient-accumulation": "1", "--batch-size": "4", "--num-workers": "0"}
+    small = {"--resolution": "32", "--gradient-accumulation": "1", "--batch-size": "4", "--num-workers": "0",
+             "--num-validation-images": "2"}
     for i, arg in enumerate(args):
         if arg in small:
             args[i + 1] = small[arg]
@@ -238,4 +239,7 @@ def test_the_guides_naruto_command_runs_offline_and_logs_to_tensorboard(model, t
     for tag in ("train/loss", "train/lr/unet", "train/grad_norm"):
         assert [e.step for e in logged.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
     assert [e.step for e in logged.Images("validation")] == [0, 3, 6]  # 0: the base model, before training
+    samples = sorted(p.name for p in (tmp_path / "naruto" / "samples").glob("step-*.png"))
+    # the guide's prompt, two seeds, at each check (step 0, each of the 2 epochs' ends)
+    assert samples == [f"step-{s:06d}-{k}.png" for s in (0, 3, 6) for k in ("0", "1", "grid")]
     shutil.rmtree(tmp_path / "naruto-blip-captions")
