@@ -34,11 +34,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from lorakit.fsutil import sha256_of
+
+    return sha256_of(path)
 
 
 def pixels_sha256(image) -> str:

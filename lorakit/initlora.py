@@ -12,18 +12,10 @@ another file of the same name.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from lorakit import fsutil
 from lorakit.errors import LorakitError
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_init_lora(config, pm, model_path: Path) -> dict:
@@ -31,7 +23,7 @@ def read_init_lora(config, pm, model_path: Path) -> dict:
     from lorakit.formats.read import open_lora, read_layers
 
     lora = open_lora(config.init_lora, what="--init-lora")
-    config.init_lora_sha256 = file_sha256(lora.path)
+    config.init_lora_sha256 = fsutil.sha256_of(lora.path)
     try:
         layers = read_layers(lora, pm, model_path)
     except LorakitError as exc:  # e.g. kohya names that match no layer of this model
