@@ -169,6 +169,17 @@ def vae_latents(vae, pixel_values):
     return (latents - shift) * vae.config.scaling_factor
 
 
+def load_text_encoder(path, encoder_cls, subfolder: str, tokenizer_cls, tokenizer_subfolder: str, dtype):
+    """``(tokenizer, text encoder)`` from a model folder: the frozen encoder straight in the run's
+    precision (never in fp32 in host memory under bf16), the tokenizer checked to fit it."""
+    from lorakit.tiny import check_tokenizer_matches
+
+    tokenizer = tokenizer_cls.from_pretrained(path, subfolder=tokenizer_subfolder)
+    encoder = encoder_cls.from_pretrained(path, subfolder=subfolder, dtype=dtype)
+    check_tokenizer_matches(tokenizer, encoder, f"--model {path} ({tokenizer_subfolder})")
+    return tokenizer, encoder
+
+
 def load_vae(config, model_path: Path, device, weight_dtype, fallback_dtype=None):
     """The model's own ``AutoencoderKL`` (in ``fallback_dtype``, fp32 by default: SD VAEs
     overflow in fp16), or ``--vae`` (a VAE folder, hub id, or pipeline folder with ``vae/``)

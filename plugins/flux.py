@@ -63,19 +63,16 @@ class Flux(DiffusersArch):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from lorakit.archbase import load_vae
-        from lorakit.tiny import check_tokenizer_matches
+        from lorakit.archbase import load_text_encoder, load_vae
 
         path = Path(model_path)
         self.check_layout(path, config=config)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
         # Frozen weights straight in the run's precision: a 12B transformer and a 4.7B T5
         # never sit in fp32 in host memory under bf16.
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
-        text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=weight_dtype)
-        check_tokenizer_matches(tokenizer, text_encoder, f"--model {path} (tokenizer)")
-        check_tokenizer_matches(tokenizer_2, text_encoder_2, f"--model {path} (tokenizer_2)")
+        tokenizer, text_encoder = load_text_encoder(path, CLIPTextModel, "text_encoder", CLIPTokenizer, "tokenizer",
+                                                    weight_dtype)
+        tokenizer_2, text_encoder_2 = load_text_encoder(path, T5EncoderModel, "text_encoder_2", T5TokenizerFast,
+                                                        "tokenizer_2", weight_dtype)
         transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=weight_dtype)
         vae = load_vae(config, path, device, weight_dtype)  # fp32 unless --vae: it only encodes, once
         _check_consistent(path, transformer, vae, text_encoder, text_encoder_2)

@@ -62,16 +62,13 @@ class SD15(DiffusersArch):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from lorakit.archbase import load_vae
+        from lorakit.archbase import load_text_encoder, load_vae
         from lorakit.objectives.ddpm import apply_prediction_type
-        from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
         self.check_layout(path, config=config)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        # loaded straight in the run's precision: halves peak host memory under bf16/fp16
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
-        check_tokenizer_matches(tokenizer, text_encoder, f"--model {path}")
+        tokenizer, text_encoder = load_text_encoder(path, CLIPTextModel, "text_encoder", CLIPTokenizer, "tokenizer",
+                                                    weight_dtype)
         # The model's VAE stays in fp32 (it only encodes, once when cached, and SD VAEs overflow
         # in fp16); a --vae the user passes (e.g. an ft-MSE VAE) runs in the run's precision.
         vae = load_vae(config, path, device, weight_dtype)

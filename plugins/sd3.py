@@ -68,22 +68,15 @@ class SD3(DiffusersArch):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from lorakit.archbase import load_vae
-        from lorakit.tiny import check_tokenizer_matches
+        from lorakit.archbase import load_text_encoder, load_vae
 
         path = Path(model_path)
         self.check_layout(path, config=config)
-        parts = {
-            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            "tokenizer_3": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
-        }
+        parts = {}
         # Frozen weights straight in the run's precision: T5-XXL alone is 19 GB in fp32.
-        for name in CLIPS:
-            parts[name] = CLIPTextModelWithProjection.from_pretrained(path, subfolder=name, dtype=weight_dtype)
-        parts[T5] = T5EncoderModel.from_pretrained(path, subfolder=T5, dtype=weight_dtype)
         for name, tokenizer in TOKENIZERS.items():
-            check_tokenizer_matches(parts[tokenizer], parts[name], f"--model {path} ({tokenizer})")
+            classes = (T5EncoderModel, T5TokenizerFast) if name == T5 else (CLIPTextModelWithProjection, CLIPTokenizer)
+            parts[tokenizer], parts[name] = load_text_encoder(path, classes[0], name, classes[1], tokenizer, weight_dtype)
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=weight_dtype)
         vae = load_vae(config, path, device, weight_dtype)  # fp32 unless --vae: it only encodes, once
         for name in CLIPS + (T5,):

@@ -101,19 +101,16 @@ class SDXL(DiffusersArch):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        from lorakit.archbase import load_vae
+        from lorakit.archbase import load_text_encoder, load_vae
         from lorakit.objectives.ddpm import apply_prediction_type
-        from lorakit.tiny import check_tokenizer_matches
 
         path = Path(model_path)
         self.check_layout(path, config=config)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+        tokenizer, text_encoder = load_text_encoder(path, CLIPTextModel, "text_encoder", CLIPTokenizer, "tokenizer",
+                                                    weight_dtype)
+        tokenizer_2, text_encoder_2 = load_text_encoder(path, CLIPTextModelWithProjection, "text_encoder_2",
+                                                        CLIPTokenizer, "tokenizer_2", weight_dtype)
         # Loaded straight in the run's dtype: a 2.6B-parameter UNet never sits in fp32 in host memory.
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=weight_dtype)
-        check_tokenizer_matches(tokenizer, text_encoder, f"--model {path} (tokenizer)")
-        check_tokenizer_matches(tokenizer_2, text_encoder_2, f"--model {path} (tokenizer_2)")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=weight_dtype)
         vae = load_vae(config, path, device, weight_dtype)
         _check_consistent(path, unet, vae, text_encoder, text_encoder_2, vae_flag=config.vae)
