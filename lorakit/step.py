@@ -22,7 +22,7 @@ import warnings
 
 from lorakit import rng
 from lorakit.errors import LorakitError, PluginError
-from lorakit.parallel import flatten_grads, reduce_across_processes, unflatten_grads  # noqa: F401  (older imports)
+from lorakit.parallel import reduce_across_processes
 
 log = logging.getLogger("lorakit")
 
