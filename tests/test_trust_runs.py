@@ -367,5 +367,5 @@ def test_real_kills_resume_to_the_same_weights(tmp_path):
     rows = [kt.trial(tmp_path, model, data, reference, i, s, p, rng) for i, (s, p) in enumerate(plan)]
     print(kt.report(rows))
     assert [r["phase"] for r in rows] == [p for _, p in plan]
-    assert [r["rc"] for r in rows] == [-9, 143, 130]
+    assert [r["rc"] for r in rows] == [-9, 143, 130], rows
     assert all(r["clean_exit"] and r["resumed"] and r["matched"] for r in rows), rows

@@ -170,7 +170,7 @@ def trial(root: Path, model: Path, data: Path, reference: Path, index: int, sig_
         phase = "after-the-run-returned"
     return {"signal": sig_name, "target": target, "phase": phase, "rc": rc, "clean_exit": clean and one_line,
             "resumed": resumed, "matched": matched, "resume_stderr": done.stderr[-1500:] if not resumed else "",
-            "kill_stderr": stderr[-1500:] if not (clean and one_line) else ""}
+            "kill_stderr": stderr[-1500:] if not (clean and one_line and matched) else ""}
 
 
 def report(rows: list[dict]) -> str:
