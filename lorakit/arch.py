@@ -42,7 +42,8 @@ class ArchInfo:
     #: The objective family (``ddpm`` or ``flow``; ``custom`` = the arch's own options only).
     objective: str = "ddpm"
     #: Every text encoder whose outputs condition the denoiser, in the order the arch's
-    #: ``encode_text`` hook knows them; the core caches each one's outputs separately.
+    #: ``encode_text`` hook knows them; the core caches each one's outputs separately. Empty:
+    #: ``text_encoders`` are taken to be what ``encode_prompt`` runs (released once prompts are cached).
     prompt_encoders: tuple = ()
     #: Frozen components that only encode inputs (a VAE, an image encoder): released from the
     #: device once every input is cached.

@@ -127,7 +127,7 @@ class EncodingCache:
     def encode_prompt(self, captions, grad: bool) -> dict:
         import torch
 
-        self._bring_back(self.info.prompt_encoders)
+        self._bring_back(self.prompt_modules())
         with contextlib.nullcontext() if grad else torch.no_grad():
             out = self.pm.hook.encode_prompt(components=self.components, captions=captions)
         return check_batch_first(out, "encode_prompt", self.config.arch, len(captions))
@@ -139,6 +139,11 @@ class EncodingCache:
         with contextlib.nullcontext() if grad else torch.no_grad():
             out = self.pm.hook.encode_text(components=self.components, captions=captions, encoder=encoder)
         return check_batch_first(out, "encode_text", self.config.arch, len(captions))
+
+    def prompt_modules(self) -> list[str]:
+        """The modules ``encode_prompt`` runs: the arch's prompt encoders, else its text encoders
+        (an arch that encodes prompts all at once need not list them twice)."""
+        return list(self.info.prompt_encoders or self.info.text_encoders)
 
     # ------------------------------------------------------------------ batches
     def augment(self, epoch, sample) -> Augment:
@@ -212,7 +217,7 @@ class EncodingCache:
         import torch
 
         names = list(self.info.input_encoders) if self.cache_images else []
-        names += self.cached_encoders if self.per_encoder else (list(self.info.prompt_encoders) if self.cache_prompts else [])
+        names += self.cached_encoders if self.per_encoder else (self.prompt_modules() if self.cache_prompts else [])
         keep = set(self.trained) | {self.info.denoiser}
         return [n for n in dict.fromkeys(names) if n not in keep and isinstance(self.components.get(n), torch.nn.Module)]
 

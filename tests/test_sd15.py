@@ -163,3 +163,20 @@ def test_vae_replaces_the_models_own_and_a_wrong_one_is_refused(tmp_path, loraki
     assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
     with pytest.raises(LorakitError, match=r"--vae .* is a UNet2DConditionModel model, not an AutoencoderKL"):
         Trainer(tiny_config("sd15", model, example_data(), tmp_path / "o2", vae=str(model / "unet"))).setup()
+
+
+def test_cached_text_encoder_and_vae_leave_memory(tmp_path, lorakit_tiny_model):
+    """Once every caption and image is cached, SD1.5's frozen text encoder and VAE are freed
+    (they held ~0.8 GB of a full-size model's RAM through the whole run); a trained text encoder stays."""
+    from lorakit.testing import example_data
+
+    model = lorakit_tiny_model("sd15")
+    frozen = Trainer(tiny_config("sd15", model, example_data(), tmp_path / "a", max_steps=2)).setup()
+    frozen.run()
+    assert frozen.cache.released == ["vae", "text_encoder"]
+    assert frozen.components["vae"] is None and frozen.components["text_encoder"] is None
+    trained = Trainer(tiny_config("sd15", model, example_data(), tmp_path / "b", max_steps=2,
+                                  train_text_encoder=True)).setup()
+    trained.run()
+    assert trained.cache.released == ["vae"]
+    assert isinstance(trained.components["text_encoder"], torch.nn.Module)
