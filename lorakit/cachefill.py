@@ -6,13 +6,20 @@ size, then captions, ``CACHE_CHUNK`` at a time, in the same order), so a run on 
 cache computes exactly the tensors it would hold in memory. With N processes, process r
 encodes chunks r, r+N, ...; after a barrier each reads what the others sealed. An entry still
 missing then (a cache folder that is not shared between machines) is encoded locally.
+
+Progress: the main process shows its own share (done / total, rate, ETA) through the run's
+progress display when it has a ``task`` (a bar on a terminal, a line every ~10% in a log),
+else as a ``note`` line every ~10%. With N processes it is this process's share, labelled
+so: the others' counts would need a collective during the fill (their shards are sealed
+every ``SHARD_BYTES``, too seldom to count by).
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 from lorakit.images import Augment
+from lorakit.progress import TaskLines
 
 
 def fill_disk(cache, samples, note) -> None:
@@ -52,42 +59,62 @@ def fill_disk(cache, samples, note) -> None:
     total = sum(len(items) for _, _, items in jobs)
     note(f"encoding cache {store.folder.parent}: {total} entries to encode, {len(store)} on disk")
     world, rank = batches.world, batches.rank
-    _encode(cache, jobs[rank::world], note, total)
+    progress = _display(note, rank)
+    share = "caching" if world == 1 else f"caching (this process's share, {rank + 1} of {world})"
+    _encode(cache, jobs[rank::world], _counter(progress, note, share))
     if world > 1:
         cache.barrier()
         store.refresh()
-        _encode(cache, [(kind, e, [(k, p) for k, p in items if k not in store]) for kind, e, items in jobs], note, None)
+        left = [(kind, e, [(k, p) for k, p in items if k not in store]) for kind, e, items in jobs]
+        _encode(cache, left, _counter(progress, note, "caching (what the other processes' shards did not bring)"))
+
+
+def _display(note, rank: int):
+    """The run's progress display, on the main process, when it can show a task: ``note`` is
+    the loop's (a bound method of the Trainer, whose ``progress`` it is)."""
+    progress = getattr(note, "progress", None) or getattr(getattr(note, "__self__", None), "progress", None)
+    return progress if rank == 0 and callable(getattr(progress, "task", None)) else None
+
+
+def _counter(progress, note, label: str):
+    """``(items) -> context yielding advance(n)``: a task of the progress display, or note lines."""
+    def start(total: int):
+        if progress is not None and total:
+            return progress.task(label, total, "entries")
+        return contextlib.nullcontext(TaskLines(note, label, total, "entries of this process"))
+    return start
 
 
 def _chunks(kind, encoder, items, size):
     return [(kind, encoder, items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _encode(cache, jobs, note, total) -> None:
-    """Encode ``jobs`` and seal them into this process's shards, noting progress every ~10%."""
-    store, done, shown, started = cache.store, 0, 0, time.perf_counter()
+def _encode(cache, jobs, counter) -> None:
+    """Encode ``jobs`` and seal them into this process's shards, counting what is done."""
     mine = sum(len(items) for _, _, items in jobs)
-    for kind, encoder, items in jobs:
-        if not items:
-            continue
-        if kind == "image":
-            prepared = [cache.prepare(s, Augment(flip=f)) for _, (s, f) in items]
-            encoded = cache.encode_images(prepared)
-            for j, (key, (s, _)) in enumerate(items):
-                (h, w) = prepared[j][1]
-                info = {"content": cache.keys.content_of(s), "image_size": [w, h]}
-                store.put(key, {k: v[j] for k, v in encoded.items()}, info)
-            cache.encoded["images"] += len(items)
-        else:
-            captions = [c for _, c in items]
-            encoded = (cache.encode_text(captions, encoder, grad=False) if encoder
-                       else cache.encode_prompt(captions, grad=False))
-            for j, (key, _) in enumerate(items):
-                store.put(key, {k: v[j] for k, v in encoded.items()})
-            cache.encoded["text"] += len(items)
-        done += len(items)
-        if total and done - shown >= max(1, mine // 10):
-            shown = done
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            note(f"caching: {done}/{mine} entries of this process ({rate:.1f}/s)")
-    store.flush()
+    with counter(mine) as done:
+        for kind, encoder, items in jobs:
+            if items:
+                _encode_chunk(cache, kind, encoder, items)
+                done.advance(len(items))
+    cache.store.flush()
+
+
+def _encode_chunk(cache, kind, encoder, items) -> None:
+    """Encode one chunk (images of one size, or captions for one encoder) into the store."""
+    store = cache.store
+    if kind == "image":
+        prepared = [cache.prepare(s, Augment(flip=f)) for _, (s, f) in items]
+        encoded = cache.encode_images(prepared)
+        for j, (key, (s, _)) in enumerate(items):
+            (h, w) = prepared[j][1]
+            info = {"content": cache.keys.content_of(s), "image_size": [w, h]}
+            store.put(key, {k: v[j] for k, v in encoded.items()}, info)
+        cache.encoded["images"] += len(items)
+    else:
+        captions = [c for _, c in items]
+        encoded = (cache.encode_text(captions, encoder, grad=False) if encoder
+                   else cache.encode_prompt(captions, grad=False))
+        for j, (key, _) in enumerate(items):
+            store.put(key, {k: v[j] for k, v in encoded.items()})
+        cache.encoded["text"] += len(items)

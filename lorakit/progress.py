@@ -1,13 +1,16 @@
 """Training progress for people: a rich bar on a terminal, plain log lines otherwise.
 
 The loop calls ``start / update / note / finish``; only the main process gets a
-progress object. The loss shown is an exponential moving average (raw per-step loss
+progress object. Counted work before training (filling the encoding cache) goes through
+``with progress.task(label, total) as t: t.advance(n)``: a second bar on a terminal, a line
+every ~10% otherwise (a progress object without ``task`` gets those lines through ``note``). The loss shown is an exponential moving average (raw per-step loss
 of diffusion training is too noisy to read). A progress object with an ``epoch_of``
 attribute gets from the loop a function ``step -> (epoch, epochs)``, and shows the epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -56,8 +59,33 @@ class PlainProgress:
     def note(self, text: str):
         print(text, file=self.stream, flush=True)
 
+    @contextlib.contextmanager
+    def task(self, label: str, total: int, unit: str = "entries"):
+        """Counted work: one line every ~10% of ``total`` (no bar redraws in a log)."""
+        yield TaskLines(self.note, label, total, unit)
+
     def finish(self):
         pass
+
+
+class TaskLines:
+    """``advance(n)`` as work is done; ``say``s ``label: done/total unit (rate/s, eta)``
+    each time another ~10% is done, and once at the end."""
+
+    def __init__(self, say, label: str, total: int, unit: str = "entries"):
+        self.say, self.label, self.total, self.unit = say, label, total, unit
+        self.done = self.shown = 0
+        self.every, self.t0 = max(1, -(-total // 10)), time.perf_counter()  # at most 10 lines
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.done - self.shown < self.every and not (self.done >= self.total > self.shown):
+            return
+        self.shown = self.done
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {(self.total - self.done) / rate:.0f}s" if rate > 0 and self.done < self.total else ""
+        self.say(f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s{eta})")
 
 
 class RichProgress:
@@ -113,8 +141,49 @@ class RichProgress:
         target = getattr(self, "progress", None)
         (target.console if target else self.console).print(text)
 
+    @contextlib.contextmanager
+    def task(self, label: str, total: int, unit: str = "entries"):
+        """Counted work before training: its own bar (done / total, rate, elapsed, ETA), left on
+        screen when done; notes meanwhile print above it."""
+        from rich.markup import escape
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn(f"[bold]{escape(label)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(escape(unit).replace("{", "{{").replace("}", "}}") + "  {task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            refresh_per_second=4,
+        )
+        with bar:
+            yield _RichTask(bar, bar.add_task(label, total=total, rate=""))
+
     def finish(self):
         self.progress.stop()
+
+
+class _RichTask:
+    """What :meth:`RichProgress.task` yields: ``advance(n)`` moves its bar."""
+
+    def __init__(self, bar, task_id):
+        self.bar, self.id, self.done, self.t0 = bar, task_id, 0, time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        elapsed = time.perf_counter() - self.t0
+        rate = f"{self.done / elapsed:.1f}/s" if elapsed > 0 else ""
+        self.bar.update(self.id, completed=self.done, rate=rate)
 
 
 def _epoch_text(epoch_of, step: int, suffix: str = "", prefix: str = "") -> str:
