@@ -137,6 +137,9 @@ RUN_KEYS = ("modes", "model_sha256", "init_lora_sha256")  # model_sha256: a sing
 # init_lora_sha256: the --init-lora file's, set when it is read
 
 
+#: Written into a run's lorakit_config.json for the record, not options: a config file's are skipped
+#: (the run config stays a valid --config file).
+RECORDED_KEYS = ("num_processes",)
 class TrainConfig:
     """The options of one run, read as attributes (``config.learning_rate``).
 
@@ -244,7 +247,8 @@ def build_config(cli_values: dict, config_file: str | None = None) -> TrainConfi
     """Merge defaults < config file < explicitly given CLI values, then validate."""
     values = {}
     if config_file:
-        values.update({("modes" if k == "modes" else k): v for k, v in read_config_file(config_file).items()})
+        values.update({("modes" if k == "modes" else k): v for k, v in read_config_file(config_file).items()
+                       if k not in RECORDED_KEYS})
     values.update({k: v for k, v in cli_values.items() if v is not None})
     modes = values.pop("modes", None)
     arch = values.get("arch")

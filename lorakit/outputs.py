@@ -192,12 +192,45 @@ def _start_latest_from_zero(output_dir: Path, config) -> None:
             "raise --max-steps with --resume pointing at a checkpoint, or use --overwrite."
         )
     now = json.loads(json.dumps(fingerprint(config)))
-    different = [k for k in now if k in saved and saved[k] != now[k]]
+    per_process = isinstance(saved.get("num_processes"), int) and "batch_size" in saved and "batch_size" in now
+    different = [k for k in now if k in saved and saved[k] != now[k] and not (per_process and k == "batch_size")]
     if different:
         details = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in different)
         raise LorakitError(f"--resume latest: {output_dir} holds a run with other settings ({details}) and no "
                            "checkpoint yet; use the same settings, --overwrite to replace it, or another --output.")
+    if per_process:
+        _check_global_batch(output_dir, saved, config.batch_size, process_count())
     log.info("--resume latest: %s has this run's settings but no checkpoint yet; starting from step 0", output_dir)
+
+
+def _check_global_batch(output_dir: Path, saved: dict, per: int, n: int) -> None:
+    """The rule of a resume from a checkpoint (:meth:`lorakit.state.TrainState.load`) for a run
+    that has none yet: the process count may change, the global batch (``--batch-size`` x
+    processes) not, since the data order and every draw depend on the global batch only."""
+    was_per, was_n = saved["batch_size"], saved["num_processes"]
+    was = was_per * was_n
+    if was == per * n:
+        if was_n != n:
+            log.info("--resume latest: %s was started by %d process(es), this run has %d: the same global batch "
+                     "of %d, the same training", output_dir, was_n, n, was)
+        return
+    fix = f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
+    raise LorakitError(
+        f"--resume latest: {output_dir} holds a run with a global batch of {was} (--batch-size {was_per} x {was_n} "
+        f"process(es)) and no checkpoint yet, this run's is {per * n} (--batch-size {per} x {n}); {fix}, "
+        "or --overwrite to replace it."
+    )
+
+
+def process_count() -> int:
+    """The number of processes of this run: accelerate's, once the run's Accelerator exists
+    (the launcher's world), else 1."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is None or not state.is_initialized():
+        return 1
+    return state.AcceleratorState().num_processes
 
 
 def clear_earlier_run(output_dir: Path, config) -> None:
@@ -253,7 +286,10 @@ def _one_line_when_disk_full(what: str):
 
 @_one_line_when_disk_full("the run config")
 def write_run_config(output_dir: Path, config) -> None:
-    fsutil.replace_file(_claim(output_dir, RUN_CONFIG), config.to_json().encode())
+    """Every setting of the run, plus the process count it ran on (``num_processes``: a restart
+    before the first checkpoint may change it when the global batch stays the same)."""
+    data = {**config.to_dict(), "num_processes": process_count()}
+    fsutil.replace_file(_claim(output_dir, RUN_CONFIG), json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def write_lora(pm, components, lora_layers: dict, folder: Path, arch: str) -> Path:

@@ -429,7 +429,19 @@ ROWS = [
     Row("resume-other-global-batch", "train --resume latest --batch-size 1 (its checkpoint: --batch-size 2, 1 process)",
         lambda c: c.train("--resume", "latest", "--batch-size", "1", out=_checkpointed_run(c, "--batch-size", "2")),
         'error: --resume {tmp}/ck/checkpoint-1 was trained with a global batch of 2 (--batch-size 2 x 1 process(es)), this run\'s is 1 (--batch-size 1 x 1); use --batch-size 2.'),
+    # the encoding cache finished for users (lorakit cache info/prune) and a restart from step 0 on another process count
+    Row("restart-other-global-batch", "train --resume latest --batch-size 2 (an earlier run: --batch-size 1, 1 process, no checkpoint yet)",
+        lambda c: c.train("--resume", "latest", "--batch-size", "2", out=_stopped_run(c)),
+        'error: --resume latest: {tmp}/stopped holds a run with a global batch of 1 (--batch-size 1 x 1 process(es)) and no checkpoint yet, this run\'s is 2 (--batch-size 2 x 1); use --batch-size 1, or --overwrite to replace it.'),
 ]
+
+
+def _stopped_run(ctx: Ctx) -> Path:
+    """The shared finished run as if stopped before its first checkpoint: run config, no final file."""
+    out = ctx.tmp / "stopped"
+    shutil.copytree(ctx.shared["run"], out)
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    return out
 
 
 # merge and fuse: command lines over the shared SD1.5 LoRA and model
