@@ -139,17 +139,49 @@ def save_checkpoint(state, output_dir: Path, write_lora, limit) -> Path:
 
 def save_on_stop(trainer, stop) -> None:
     """Ctrl-C / SIGTERM: keep the work done. The optimizer and weights are those of the last
-    finished step; every draw is derived from the step, so resuming is exact."""
+    finished step; every draw is derived from the step, so resuming is exact. Several
+    processes that agreed to stop after this step (``stop.agreed``) save it together:
+    :func:`save_together`."""
     t = trainer
     t.optimizer.zero_grad(set_to_none=True)
     if t.progress is not None and t.accelerator.is_main_process:
         t.progress.finish()
     step, saved = t.global_step, t.output_dir / f"checkpoint-{t.global_step}"
-    if step and not saved.is_dir() and t.stepper.rewind_to_finished_step() and t.accelerator.is_main_process:
+    agreed = bool(getattr(stop, "agreed", False))
+    if agreed and t.accelerator.num_processes > 1:
+        saved = save_together(t) if step else None
+    elif step and not saved.is_dir() and t.stepper.rewind_to_finished_step(agreed) and t.accelerator.is_main_process:
         saved = save_checkpoint(t.state, t.output_dir, t._write_lora, t.config.checkpoints_limit)
-    if step and saved.is_dir():
+    elif not saved.is_dir():
+        saved = None
+    if step and saved is not None:
         stop.lorakit_note = f"{getattr(stop, 'summary', 'interrupted')} at step {step}; saved {saved.name}"
-        log.warning("stopped at step %d; saved %s", step, saved)
+        if t.accelerator.is_main_process:
+            log.warning("stopped at step %d; saved %s", step, saved)
+
+
+def save_together(trainer) -> Path | None:
+    """Every process stops after the same finished step and holds the same LoRA weights and
+    optimizer state (checked); the main process saves the checkpoint while the others wait,
+    then every process learns whether it was saved (one collective each, at the stop only).
+    Returns the checkpoint, or None where the main process could not save it (it raises)."""
+    import torch
+
+    from lorakit.state import check_processes_agree
+
+    t, accelerator = trainer, trainer.accelerator
+    check_processes_agree(accelerator, t.params)
+    path, failure = t.output_dir / f"checkpoint-{t.global_step}", None
+    if accelerator.is_main_process and not path.is_dir():
+        try:
+            path = save_checkpoint(t.state, t.output_dir, t._write_lora, t.config.checkpoints_limit)
+        except Exception as exc:  # raised below, once the others are no longer waiting for the save
+            failure = exc
+    saved = torch.tensor([0.0 if failure else 1.0], device=accelerator.device)
+    everywhere = accelerator.reduce(saved, reduction="sum")  # the others wait here for the save
+    if failure is not None:
+        raise failure
+    return path if int(everywhere.item()) == accelerator.num_processes else None
 
 
 def remove_strays(output_dir: Path) -> None:

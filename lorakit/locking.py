@@ -148,10 +148,11 @@ def _importing(frame) -> bool:
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGINT or SIGTERM asked the run to stop; ``exit_code`` is the shell's 128 + signal."""
+    """SIGINT or SIGTERM asked the run to stop; ``exit_code`` is the shell's 128 + signal.
+    ``agreed``: every process of a several-process run stops after the same finished step."""
 
-    def __init__(self, signum: int):
-        self.signum, self.exit_code = signum, 128 + signum
+    def __init__(self, signum: int, agreed: bool = False):
+        self.signum, self.exit_code, self.agreed = signum, 128 + signum, agreed
         self.summary = f"stopped by {signal.Signals(signum).name}"
         super().__init__(self.summary)
 
@@ -161,7 +162,13 @@ class RunGuard:
     only) and, in the main thread, SIGINT/SIGTERM handlers; the previous ones come back after.
 
     A stop request raises :class:`StopRequested` at once, unless ``busy()`` (a weight update)
-    or a checkpoint write is in progress: then it waits for :meth:`check` after that."""
+    or a checkpoint write is in progress: then it waits for :meth:`check` after that.
+
+    With several processes (``together``, the training loop) a request never raises at once:
+    a process that left mid-step would leave the others waiting in the step's collective. It
+    is recorded (:meth:`request`), sent with the next step's gradient reduction, and every
+    process raises after that same step (:meth:`check` with the agreed signal), so one
+    process's signal (``kill PID``) stops them all at one finished step."""
 
     def __init__(self, output_dir: Path):
         self.output_dir = output_dir
@@ -171,6 +178,8 @@ class RunGuard:
         self.received = None  # the first stop request's signal number
         self.raised = False
         self.deferring = self.running = False
+        self.together = False  # several processes: stop only where all agreed (the step's reduction)
+        self.agreed = 0  # the signal the processes agreed to stop for (0: none yet)
         self.busy = lambda: False
 
     def lock_output(self) -> None:
@@ -195,7 +204,10 @@ class RunGuard:
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # after several processes agreed to stop this one only ends: torchrun's SIGTERM to the
+            # processes still alive once the first has ended must not turn their exit status
+            # (130 / 143, the finished steps saved) into a death by signal
+            signal.signal(sig, signal.SIG_IGN if self.agreed else handler)
         self.previous = {}
 
     def close(self) -> None:
@@ -212,6 +224,9 @@ class RunGuard:
             log.warning("%s: already stopping (saving the finished steps); please wait", name)
             return
         self.received = signum
+        if self.together and not self.deferring:
+            log.warning("%s: all processes stop together after the current step", name)
+            return
         if self.deferring or self.busy():
             log.warning("%s: stopping once the current update or checkpoint is written", name)
             return
@@ -234,7 +249,20 @@ class RunGuard:
         sys.stderr.flush()
         os._exit(128 + signum)
 
-    def check(self) -> None:
+    def request(self) -> int:
+        """This process's stop request for the next step's reduction: a signal number, 0 for none."""
+        return 0 if self.received is None or self.raised else self.received
+
+    def check(self, agreed: int = 0) -> None:
+        """Raise :class:`StopRequested` for a pending request; ``together``, only once the
+        processes agreed (``agreed``: the signal the step's reduction carried, 0 for none)."""
+        if self.together:
+            if not agreed or self.raised:
+                return
+            self.agreed = agreed
+            self.received = self.received or agreed
+            self.raised = True
+            raise StopRequested(agreed, agreed=True)
         if self.received is not None and not self.raised:
             self.raised = True
             raise StopRequested(self.received)

@@ -22,7 +22,7 @@ import warnings
 
 from lorakit import rng
 from lorakit.errors import LorakitError, PluginError
-from lorakit.parallel import reduce_across_processes
+from lorakit.parallel import reduce_across_processes, reduce_step  # noqa: F401  (the first: imported from here)
 
 log = logging.getLogger("lorakit")
 
@@ -148,6 +148,10 @@ class Stepper:
         self.updating = False
         #: the gradient norm of the last update before clipping (None when it was skipped)
         self.grad_norm = None
+        #: this process's stop request, a signal number (0: none), sent with the step's reduction
+        self.stop_request = lambda: 0
+        #: the stop the processes agreed on in the last step's reduction (0: none)
+        self.agreed_stop = 0
         self.undo = UpdateUndo(params, state.optimizer)
 
     def loss_on(self, batch, generator, rows=None):
@@ -181,7 +185,8 @@ class Stepper:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
         self.updating = True
-        step_loss = reduce_across_processes(accelerator, self.params, step_loss, accelerator.device)
+        step_loss, self.agreed_stop = reduce_step(accelerator, self.params, step_loss, accelerator.device,
+                                                  self.stop_request())
         finite = math.isfinite(step_loss)
         bad = self._update(finite or config.mixed_precision == "fp16")
         if not finite:
@@ -205,14 +210,15 @@ class Stepper:
         self.state.generator.manual_seed(rng.derive_seed("process", config.seed, step, micro, rank))
         return rows, rng.derive_seed("global", config.seed, step, micro, rank)
 
-    def rewind_to_finished_step(self) -> bool:
+    def rewind_to_finished_step(self, agreed: bool = False) -> bool:
         """After a Ctrl-C: whether a checkpoint of the last finished step can be saved now; False
-        when that cannot give an exact one (inside an update, or several processes). Nothing
-        random needs rewinding: every draw is derived from the step (:meth:`draws`)."""
+        when that cannot give an exact one (inside an update, or several processes that did not
+        agree on the step to stop after: ``agreed``, see :func:`lorakit.parallel.reduce_step`).
+        Nothing random needs rewinding: every draw is derived from the step (:meth:`draws`)."""
         if self.updating:
             log.warning("interrupted during a weight update; the newest regular checkpoint stays the latest")
             return False
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not agreed:
             # the other processes may be stopped inside the next step's collective: left to regular checkpoints
             log.warning("interrupted; with several processes the newest regular checkpoint stays the latest")
             return False

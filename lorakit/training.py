@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, tracking, validation
+from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, sharding, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -94,6 +94,7 @@ class Trainer:
         if config.buckets:
             self._say(self.batches.bucket_summary())
         self._add_lora()
+        sharding.apply(self)  # the frozen denoiser across the processes, when asked
         self.params, self.optimizer, self.lr_scheduler = make_optimizer(
             self.components, self.lora_configs, self.trained_text_encoders, config, self.accelerator
         )
@@ -192,6 +193,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         config, accelerator, progress, guard = self.config, self.accelerator, self.progress, self.guard
+        if accelerator.num_processes > 1:  # a stop is agreed through each step's reduction
+            guard.together, self.stepper.stop_request = True, guard.request
         self.cache.release(drop=config.validation_prompt is None, note=self._say)
         stream = self.batches.micro_batches(self.global_step * config.gradient_accumulation)
         main = accelerator.is_main_process
@@ -209,7 +212,7 @@ class Trainer:
             while self.global_step < config.max_steps:
                 tracker.before_step()
                 loss, metrics = self.stepper.step(stream)
-                guard.check()  # a stop requested during the update takes effect now
+                guard.check(self.stepper.agreed_stop)  # a stop requested during the step takes effect now
                 self.losses.append(loss)
                 tracker.after_step(self.global_step, loss, metrics, self.stepper.grad_norm,
                                    self.batches.epoch_of(self.global_step))
@@ -219,13 +222,15 @@ class Trainer:
                     with guard.deferred():
                         self.save_checkpoint()
                 validation.after_step(self)
+            # the training is done: a stop request now waits for the final files (set inside the
+            # try: a request from here on can no longer skip saving the finished steps)
+            guard.deferring = True
         except KeyboardInterrupt as stop:
             guard.stopping()
             checkpoints.save_on_stop(self, stop)
             raise
         finally:
             tracker.finish()
-        guard.deferring = True  # the training is done: a stop request now waits for the final files
         if progress is not None and main:
             progress.finish()
         check_processes_agree(self.accelerator, self.params)
