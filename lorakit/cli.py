@@ -261,6 +261,34 @@ from lorakit.cli_combine import merge as _merge_command  # noqa: E402
 app.command("merge", cls=_HintingCommand)(_merge_command)
 app.command("fuse", cls=_HintingCommand)(_fuse_command)
 
+cache_app = typer.Typer(help="Inspect and prune the encoding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+_CACHE_DIR = typer.Option(None, "--cache-dir", help="The cache folder (as given to lorakit train) "
+                          "\\[default: $LORAKIT_CACHE_DIR/encodings, else ~/.cache/lorakit/encodings].")
+
+
+@cache_app.command("info", cls=_HintingCommand)
+def cache_info(cache_dir: Optional[str] = _CACHE_DIR):
+    """Show the encoding cache: folder, shards, entries, size on disk, oldest and newest use."""
+    from lorakit.cachetools import info
+
+    typer.echo(_run(lambda: info(cache_dir)))
+
+
+@cache_app.command("prune", cls=_HintingCommand)
+def cache_prune(
+    cache_dir: Optional[str] = _CACHE_DIR,
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove shards no run used for this long "
+                                             "(e.g. 30d, 12h; units s, m, h, d, w)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Then remove the least recently used shards "
+                                           "until the cache is at most this size (e.g. 20GB, 500MB, 1.5TiB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+):
+    """Remove whole shards of the encoding cache, least recently used first; a run using them re-encodes."""
+    from lorakit.cachetools import prune
+
+    typer.echo(_run(lambda: prune(cache_dir, older_than, max_size, dry_run)))
+
 
 def main():
     # Building `train`'s flags loads every plugin's declarations: skip that for other commands.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -32,6 +33,10 @@ LAYOUT = "v1"
 #: a shard is sealed once it holds this many bytes of tensors (and at the end of a fill)
 SHARD_BYTES = 16 * 2**20
 _SUFFIX = ".safetensors"
+#: the names of the files a cache folder's lorakit writes (nothing else there is lorakit's)
+SHARD_NAME = re.compile(r"^shard-.+-\d+-\d+-[0-9a-f]{12}\.safetensors$")
+TEMP_NAME = re.compile(r"^\.shard-.+-\d+-\d+-[0-9a-f]{12}\.safetensors" + re.escape(fsutil.TMP_SUFFIX) + "$")
+PROBE_NAME = re.compile(r"^\.probe-\d+-[0-9a-f]{8}" + re.escape(fsutil.TMP_SUFFIX) + "$")
 
 
 def default_cache_dir() -> Path:
@@ -153,6 +158,10 @@ class ShardStore:
             tensors = {t: handle.get_tensor(f"{number}/{t}") for t in names}
         except Exception:  # the shard was truncated or deleted under us
             tensors = None
+        if tensors is None and not (self.folder / name).exists():  # e.g. `lorakit cache prune` removed it
+            log.warning("encoding cache: %s was removed while this run used it; encoding its entries afresh", name)
+            self.index = {k: v for k, v in self.index.items() if v[0] != name}
+            return None
         if tensors is None or entry_checksum(tensors) != checksum.hex():
             log.warning("encoding cache: entry %s in %s is damaged; encoding it afresh", key[:12], name)
             del self.index[key]
@@ -160,10 +169,17 @@ class ShardStore:
         return tensors
 
     def _handle(self, name: str):
+        """The shard, memory-mapped; opening it marks it used (its mtime: the content of a sealed
+        shard never changes, so its mtime says when a run last read it, for ``lorakit cache prune``)."""
         from safetensors import safe_open
 
         if name not in self._open:
-            self._open[name] = safe_open(str(self.folder / name), framework="pt", device="cpu")
+            path = self.folder / name
+            self._open[name] = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                os.utime(path)
+            except OSError:  # another user's shared cache: read, not marked
+                pass
         return self._open[name]
 
     def close(self) -> None:

@@ -433,7 +433,30 @@ ROWS = [
     Row("restart-other-global-batch", "train --resume latest --batch-size 2 (an earlier run: --batch-size 1, 1 process, no checkpoint yet)",
         lambda c: c.train("--resume", "latest", "--batch-size", "2", out=_stopped_run(c)),
         'error: --resume latest: {tmp}/stopped holds a run with a global batch of 1 (--batch-size 1 x 1 process(es)) and no checkpoint yet, this run\'s is 2 (--batch-size 2 x 1); use --batch-size 1, or --overwrite to replace it.'),
+    Row("cache-prune-bad-age", "cache prune --older-than 3x", lambda c: ["cache", "prune", "--cache-dir", _a_cache(c), "--older-than", "3x"],
+        "error: --older-than 3x: expected a number and a unit s, m, h, d or w, such as 30d or 12h."),
+    Row("cache-prune-bad-size", "cache prune --max-size 20XB", lambda c: ["cache", "prune", "--cache-dir", _a_cache(c), "--max-size", "20XB"],
+        "error: --max-size 20XB: expected a size such as 500MB, 20GB or 1.5TiB."),
+    Row("cache-prune-nothing-asked", "cache prune (neither --older-than nor --max-size)", lambda c: ["cache", "prune", "--cache-dir", _a_cache(c)],
+        "error: lorakit cache prune: say what to remove with --older-than (e.g. 30d) and/or --max-size (e.g. 20GB)."),
+    Row("cache-not-a-cache", "cache info --cache-dir (a folder that is not a lorakit cache)", lambda c: ["cache", "info", "--cache-dir", c.folder("photos")],
+        "error: --cache-dir {tmp}/photos is not a lorakit encoding cache (it has no v1/ folder of shards); pass the folder given to lorakit train --cache-dir."),
+    Row("cache-missing", "cache info --cache-dir (missing)", lambda c: ["cache", "info", "--cache-dir", c.tmp / "nope"],
+        "error: --cache-dir {tmp}/nope does not exist; pass the folder given to lorakit train --cache-dir."),
+    Row("cache-is-a-file", "cache prune --cache-dir (a file) --older-than 30d", lambda c: ["cache", "prune", "--cache-dir", c.file("f"), "--older-than", "30d"],
+        "error: --cache-dir {tmp}/f is a file, not a folder; pass the folder given to lorakit train --cache-dir."),
+    Row("cache-layout-folder", "cache prune --cache-dir (the v1 folder inside a cache) --older-than 30d",
+        lambda c: ["cache", "prune", "--cache-dir", _a_cache(c, shard=True) / "v1", "--older-than", "30d"],
+        "error: --cache-dir {tmp}/cache/v1 is the v1 folder inside a cache; pass its parent {tmp}/cache."),
 ]
+
+
+def _a_cache(ctx: Ctx, shard: bool = False) -> Path:
+    """An encoding cache folder (its v1/ layout folder; with ``shard``, one lorakit-named shard in it)."""
+    ctx.folder("cache/v1")
+    if shard:
+        ctx.file("cache/v1/shard-host-1-0-0123456789ab.safetensors", b"")
+    return ctx.tmp / "cache"
 
 
 def _stopped_run(ctx: Ctx) -> Path:
