@@ -96,6 +96,8 @@ CORE_OPTIONS = (
     Option("mixed_precision", str, "no", "Mixed precision; LoRA weights stay fp32.", choices=("no", "fp16", "bf16"),
            panel=_SYS, resume=True, default_text="accelerate's (launch flag or config file), else no"),
     Option("gradient_checkpointing", bool, False, "Trade compute for memory.", panel=_SYS),
+    Option("shard_frozen", bool, False, "Shard the frozen denoiser across the processes (FSDP2; the LoRA stays "
+           "whole): each stores 1/N of the base. Needs 2+ processes.", panel=_SYS),
     Option("allow_tf32", bool, False, "Allow TF32 matmuls on Ampere and newer GPUs (faster; no effect on CPU).", panel=_SYS),
     Option("seed", int, 0, "Seed for everything random.", minimum=0, maximum=2**32 - 1, panel=_OPT, resume=True),
     Option("checkpoint_every", int, None, "Save checkpoint-N every N steps.", minimum=1, panel=_CKPT),
@@ -135,11 +137,11 @@ CORE = by_name(CORE_OPTIONS)
 #: Not options but part of every config: the active modes (the CLI's --<mode> flags).
 RUN_KEYS = ("modes", "model_sha256", "init_lora_sha256")  # model_sha256: a single-file --model's, set when it loads
 # init_lora_sha256: the --init-lora file's, set when it is read
-
-
 #: Written into a run's lorakit_config.json for the record, not options: a config file's are skipped
 #: (the run config stays a valid --config file).
 RECORDED_KEYS = ("num_processes",)
+
+
 class TrainConfig:
     """The options of one run, read as attributes (``config.learning_rate``).
 

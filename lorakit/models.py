@@ -185,8 +185,11 @@ def load_components(pm, model_path, config, device, weight_dtype) -> dict:
     """The arch's ``load_components``, every module frozen; a damaged model folder is one line."""
     import torch
 
+    from lorakit import sharding
+
+    on = sharding.load_device(config, device)  # a base to be sharded never lands whole on a device
     try:
-        components = pm.hook.load_components(model_path=model_path, config=config, device=device,
+        components = pm.hook.load_components(model_path=model_path, config=config, device=on,
                                              weight_dtype=weight_dtype)
     except OSError as exc:  # a missing or damaged weight/config file inside the folder
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -194,4 +197,6 @@ def load_components(pm, model_path, config, device, weight_dtype) -> dict:
     for value in components.values():
         if isinstance(value, torch.nn.Module):
             value.requires_grad_(False)
+    if on != device:
+        sharding.place(components, pm.hook.arch_info().denoiser, device)
     return components

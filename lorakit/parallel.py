@@ -71,17 +71,21 @@ def reduce_step(accelerator, params, step_loss: float, device, stop: int = 0) ->
     return float(tail[0]), max(asked, default=0)
 
 
-#: accelerate's sharded setups: lorakit would ignore them (it wraps no model), keeping a whole
-#: copy of the frozen base on every device while the user asked for sharding
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+#: accelerate's sharded setups lorakit does not build: it would ignore them (it wraps no model),
+#: keeping a whole copy of the frozen base on every device while the user asked for sharding
+SHARDED = ("DEEPSPEED", "MEGATRON_LM")
 
 
 def check_data_parallel(accelerator) -> None:
-    """Refuse an accelerate setup that shards the model: lorakit trains data-parallel (every
-    process holds the whole frozen model, the LoRA gradients reduced by :func:`reduce_step`)."""
+    """Refuse an accelerate setup lorakit cannot honour. Its FSDP setup is honoured: lorakit
+    shards the frozen denoiser itself (:mod:`lorakit.sharding`, checked here before the model
+    loads), the LoRA still replicated and reduced by :func:`reduce_step`."""
+    from lorakit import sharding
+
+    sharding.accelerate_plan()  # a setting it cannot apply (offload, NO_SHARD, ...) is one line now
     kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
     if kind in SHARDED:
         raise LorakitError(
-            f"accelerate's {kind} setup (launch flag or config file) is not supported: lorakit trains data-parallel, "
-            "every process holding the whole model; launch with --multi_gpu (distributed_type MULTI_GPU) instead."
+            f"accelerate's {kind} setup (launch flag or config file) is not supported: lorakit trains data-parallel; "
+            "launch with --multi_gpu, and to shard the frozen base add --shard-frozen (or use accelerate's FSDP setup)."
         )

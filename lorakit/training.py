@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, tracking, validation
+from lorakit import checkpoints, hub, losscurve, outputs, parallel, saveformat, sharding, tracking, validation
 from lorakit.batches import Batches, checked_resolution
 from lorakit.cache import EncodingCache
 from lorakit.config import TrainConfig, validate
@@ -94,6 +94,7 @@ class Trainer:
         if config.buckets:
             self._say(self.batches.bucket_summary())
         self._add_lora()
+        sharding.apply(self)  # the frozen denoiser across the processes, when asked
         self.params, self.optimizer, self.lr_scheduler = make_optimizer(
             self.components, self.lora_configs, self.trained_text_encoders, config, self.accelerator
         )
