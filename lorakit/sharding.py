@@ -15,7 +15,7 @@ Which modules become shards is data the model declares, not arch names: diffuser
 ``_no_split_modules``; accelerate's ``fsdp_transformer_layer_cls_to_wrap`` overrides both.
 ``_repeated_blocks`` comes first because wrapping a UNet's ``ResnetBlock2D`` (listed in its
 ``_no_split_modules``) changes the order autograd sums the gradients of its skip connections
-(8 of 64 LoRA gradients of a tiny SD1.5 UNet then differ by ~5e-7 relative); the transformer
+(8 of 64 LoRA gradients of a tiny UNet then differ by ~5e-7 relative); the transformer
 blocks alone give gradients equal to the unsharded ones.
 """
 

@@ -448,6 +448,11 @@ ROWS = [
     Row("cache-layout-folder", "cache prune --cache-dir (the v1 folder inside a cache) --older-than 30d",
         lambda c: ["cache", "prune", "--cache-dir", _a_cache(c, shard=True) / "v1", "--older-than", "30d"],
         "error: --cache-dir {tmp}/cache/v1 is the v1 folder inside a cache; pass its parent {tmp}/cache."),
+    # the frozen base sharded across processes (lorakit/sharding.py, tests/test_sharding.py); refused before the model loads
+    Row("shard-one-process", "train --shard-frozen (one process)", lambda c: c.train("--shard-frozen"),
+        "error: --shard-frozen shards the frozen model across processes, but this run has one; launch 2 or more (accelerate launch --num_processes N) or drop it."),
+    Row("shard-with-samples", "train --shard-frozen --validation-prompt cat", lambda c: c.train("--shard-frozen", "--validation-prompt", "cat"),
+        "error: --validation-prompt cannot be used with --shard-frozen: sample images are made by the main process alone, and every process must join each forward of a sharded model; drop --validation-prompt and run `lorakit generate` with the saved LoRA."),
 ]
 
 
