@@ -177,7 +177,7 @@ def _start_latest_from_zero(output_dir: Path, config) -> None:
     (a job script may always pass it); another run's settings are refused, naming them."""
     earlier = _earlier_run_artifacts(output_dir)
     if not earlier or config.overwrite:
-        log.info("--resume latest: no checkpoint in %s yet; starting from step 0", output_dir)
+        _main_log("--resume latest: no checkpoint in %s yet; starting from step 0", output_dir)
         return
     try:
         saved = json.loads((output_dir / RUN_CONFIG).read_text())
@@ -200,7 +200,7 @@ def _start_latest_from_zero(output_dir: Path, config) -> None:
                            "checkpoint yet; use the same settings, --overwrite to replace it, or another --output.")
     if per_process:
         _check_global_batch(output_dir, saved, config.batch_size, process_count())
-    log.info("--resume latest: %s has this run's settings but no checkpoint yet; starting from step 0", output_dir)
+    _main_log("--resume latest: %s has this run's settings but no checkpoint yet; starting from step 0", output_dir)
 
 
 def _check_global_batch(output_dir: Path, saved: dict, per: int, n: int) -> None:
@@ -211,8 +211,8 @@ def _check_global_batch(output_dir: Path, saved: dict, per: int, n: int) -> None
     was = was_per * was_n
     if was == per * n:
         if was_n != n:
-            log.info("--resume latest: %s was started by %d process(es), this run has %d: the same global batch "
-                     "of %d, the same training", output_dir, was_n, n, was)
+            _main_log("--resume latest: %s was started by %d process(es), this run has %d: the same global batch "
+                      "of %d, the same training", output_dir, was_n, n, was)
         return
     fix = f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
     raise LorakitError(
@@ -220,6 +220,15 @@ def _check_global_batch(output_dir: Path, saved: dict, per: int, n: int) -> None
         f"process(es)) and no checkpoint yet, this run's is {per * n} (--batch-size {per} x {n}); {fix}, "
         "or --overwrite to replace it."
     )
+
+
+def _main_log(*args) -> None:
+    """An info line from the run's main process only (every process decides the same)."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    main = state is None or not state.is_initialized() or state.AcceleratorState().process_index == 0
+    (log.info if main else log.debug)(*args)
 
 
 def process_count() -> int:

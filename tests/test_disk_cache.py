@@ -215,6 +215,11 @@ def test_two_processes_each_encode_half_and_read_the_whole(model, data, tmp_path
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # in a log (not a terminal) the main process's share is shown in lines, labelled as its share
+    shown = [line for line in proc.stdout.splitlines() if line.startswith("caching")]
+    assert shown and all(line.startswith("caching (this process's share, 1 of 2): ") for line in shown), proc.stdout
+    done, total = shown[-1].split(": ", 1)[1].split(" ", 1)[0].split("/")
+    assert done == total
     by_rank: dict = {}
     for shard in (cache / diskcache.LAYOUT).glob("shard-*.safetensors"):
         rank = int(shard.name.rsplit("-", 2)[1])
@@ -222,6 +227,7 @@ def test_two_processes_each_encode_half_and_read_the_whole(model, data, tmp_path
             by_rank.setdefault(rank, []).extend(e["key"] for e in json.loads(f.metadata()["lorakit_entries"]))
     keys = [k for ks in by_rank.values() for k in ks]
     assert len(keys) == len(set(keys)) == images_in(data) + captions_in(data)  # every entry once, none twice
+    assert int(total) == len(by_rank[0])  # the bar's total: what the main process encoded
     assert sorted(by_rank) == [0, 1] and all(len(ks) >= len(keys) // 3 for ks in by_rank.values())
     # a 1-process run afterwards finds everything both wrote
     assert run(model, data, tmp_path / "again", cache)[0].cache.encoded == {}

@@ -105,6 +105,8 @@ def test_two_processes_restart_a_one_process_run_stopped_before_its_first_checkp
 
     proc = _launch(2, model, out, "--batch-size", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("was started by 1 process(es), this run has 2: the same global batch of 2") == 1, said[-3000:]
     assert json.loads((out / outputs.RUN_CONFIG).read_text())["num_processes"] == 2
     a, b = load_file(str(out / outputs.WEIGHT_NAME)), load_file(str(straight.weights))
     assert a.keys() == b.keys()
