@@ -67,6 +67,22 @@ def test_a_restart_from_step_0_may_change_the_process_count_not_the_global_batch
         restart(model, out, batch_size=1)
 
 
+def test_a_run_killed_while_its_cache_filled_restarts_on_another_process_count(model, tmp_path, monkeypatch):
+    from lorakit import cache as cache_module
+
+    def killed(self, prepared):
+        raise KeyboardInterrupt  # a kill while the encoding cache fills
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(cache_module.EncodingCache, "encode_images", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(tiny_config("sd15", model, example_data(), out, batch_size=2, **RUN)).setup()
+    assert not list(out.glob("checkpoint-*"))
+    monkeypatch.setattr(outputs, "process_count", lambda: 2)
+    assert restart(model, out, batch_size=1) is None  # nothing to compare yet: it starts from step 0
+
+
 def test_a_run_config_without_the_process_count_compares_the_batch_size_as_before(model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     stopped_before_checkpoint(model, out, batch_size=2)
