@@ -92,6 +92,16 @@ def test_a_progress_object_without_task_gets_the_lines_through_note(model, tmp_p
     assert lines and lines[-1].startswith(f"caching: {total}/{total} entries of this process (")
 
 
+def test_without_a_progress_object_the_lines_go_to_the_log(model, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        setup_run(model, tmp_path / "a", None)
+    total = entries_of_examples()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("caching:")]
+    assert 1 <= len(lines) <= 10 and lines[-1].startswith(f"caching: {total}/{total} entries of this process (")
+
+
 def test_a_log_gets_a_line_every_tenth_and_no_redraws(model, tmp_path):
     stream = io.StringIO()
     Trainer(tiny_config("sd15", model, example_data(), tmp_path / "a", max_steps=1, batch_size=2),
