@@ -20,11 +20,14 @@ FSDP_CONFIG = ROOT / "docs" / "accelerate_fsdp.yaml"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def launch(model, out, *extra, arch="sd15", config_file=None, probe=None):
+def launch(model, out, *extra, arch="sd15", config_file=None, fsdp=(), probe=None):
     """`lorakit train` on two CPU processes: `accelerate launch --multi_gpu`, or with
-    ``config_file`` (an accelerate config; the docs' FSDP one asks for sharding)."""
+    ``config_file`` (an accelerate config; the docs' FSDP one asks for sharding), or with
+    accelerate's ``--use_fsdp`` and the ``fsdp`` flags."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     launcher = ["--config_file", str(config_file)] if config_file else ["--multi_gpu", "--num_machines", "1"]
+    if fsdp:
+        launcher = ["--use_fsdp", *fsdp, "--num_machines", "1"]
     launcher += ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
     target = [str(PROBE)] if probe else ["-m", "lorakit.cli"]
     if probe:
@@ -90,10 +93,14 @@ def test_sharded_run_trains_the_unsharded_lora_resumes_exactly_and_reloads(tmp_p
 
 
 def test_sharded_flux_transformer_trains_the_unsharded_lora(tmp_path, lorakit_tiny_model):
-    """The FLUX-class case: both block kinds diffusers declares become shards."""
+    """The FLUX-class case: both block kinds diffusers declares become shards; sharded here by
+    accelerate's launch flags, its blocks kept gathered from forward to backward."""
     model = lorakit_tiny_model("flux")
     launch(model, tmp_path / "plain", "--max-steps", "2", arch="flux")
-    sharded = launch(model, tmp_path / "sharded", "--max-steps", "2", "--shard-frozen", arch="flux")
+    flags = ("--fsdp_version", "2", "--fsdp_reshard_after_forward", "false", "--fsdp_sync_module_states", "false")
+    sharded = launch(model, tmp_path / "sharded", "--max-steps", "2", arch="flux", fsdp=flags, probe=tmp_path / "probe")
+    for calls in json.loads((tmp_path / "probe.0.json").read_text()):  # gathered once a step, not twice
+        assert sorted(calls) == ["all_gather_single"] * 5 + ["all_reduce"], calls
     assert "sharded the frozen transformer over 2 processes (" in sharded.stdout + sharded.stderr
     assert "blocks of FluxTransformerBlock, FluxSingleTransformerBlock)" in sharded.stdout + sharded.stderr
     same_weights(tmp_path / "sharded", tmp_path / "plain")
