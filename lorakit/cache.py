@@ -26,6 +26,16 @@ from lorakit.errors import PluginError
 log = logging.getLogger("lorakit")
 
 CACHE_CHUNK = 8
+#: pixels encoded at once while caching: a VAE encoder's activations are ~2.5 GB per 1024x1024
+#: image in fp32, so eight at once would need ~20 GB next to the model (an OOM on 24 GB GPUs)
+CACHE_PIXELS = 1024 * 1024
+
+
+def image_chunk(size) -> int:
+    """How many images of ``size = (w, h)`` are encoded at once while caching: ``CACHE_CHUNK``,
+    fewer for large images (one 1024 px image at a time, four of 512 px)."""
+    w, h = size
+    return max(1, min(CACHE_CHUNK, CACHE_PIXELS // max(1, w * h)))
 
 
 def check_batch_first(out: dict, hook: str, arch: str, rows: int) -> dict:
@@ -76,13 +86,14 @@ class EncodingCache:
         self.cache_prompts = not self.per_encoder and config.cache and not trained_text
 
     # ------------------------------------------------------------------ filling
-    def fill(self, note=log.info) -> None:
-        """Encode every image (both flips if flipping) and caption once, in a fixed order."""
+    def fill(self, note=log.info, progress=None) -> None:
+        """Encode every image (both flips if flipping) and caption once, in a fixed order;
+        ``progress`` (the run's display, with ``task``) shows the disk cache filling."""
         samples = self.batches.dataset.samples()
         if self.store is not None:
             from lorakit.cachefill import fill_disk
 
-            return fill_disk(self, samples, note)
+            return fill_disk(self, samples, note, progress)
         if self.cache_images:
             flips = (False, True) if self.config.random_flip else (False,)
             todo = [(s, f) for s in samples for f in flips]
@@ -92,8 +103,9 @@ class EncodingCache:
                 by_size.setdefault(self.batches.size_of(s), []).append((s, f))
             for size in sorted(by_size):
                 group = by_size[size]
-                for i in range(0, len(group), CACHE_CHUNK):
-                    chunk = group[i : i + CACHE_CHUNK]
+                step = image_chunk(size)
+                for i in range(0, len(group), step):
+                    chunk = group[i : i + step]
                     augments = [Augment(flip=f) for _, f in chunk]
                     encoded = self.encode_images(self.batches.prepared(self.prepare, [s for s, _ in chunk], augments))
                     for j, (s, f) in enumerate(chunk):

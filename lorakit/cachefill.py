@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 
+from lorakit.cache import image_chunk
 from lorakit.images import Augment
 from lorakit.progress import TaskLines
 
 
-def fill_disk(cache, samples, note) -> None:
+def fill_disk(cache, samples, note, progress=None) -> None:
     store, keys, batches, config = cache.store, cache.keys, cache.batches, cache.config
     jobs: list = []  # (kind, encoder, [(key, payload), ...]) in the in-memory cache's order
     if cache.cache_images:
@@ -42,7 +43,7 @@ def fill_disk(cache, samples, note) -> None:
                 cache.image_cache.keys_by_name[(s.key, f)] = key
                 if key not in store:
                     missing.setdefault(key, (s, f))
-            jobs += _chunks("image", None, list(missing.items()), cache.chunk)
+            jobs += _chunks("image", None, list(missing.items()), image_chunk(size))
     if cache.cache_prompts or cache.cached_encoders:
         captions = sorted({s.caption for s in samples} | ({""} if config.caption_dropout else set()))
         targets = ([(None, cache.prompt_cache)] if cache.cache_prompts else []) + [
@@ -59,7 +60,7 @@ def fill_disk(cache, samples, note) -> None:
     total = sum(len(items) for _, _, items in jobs)
     note(f"encoding cache {store.folder.parent}: {total} entries to encode, {len(store)} on disk")
     world, rank = batches.world, batches.rank
-    progress = _display(note, rank)
+    progress = progress if rank == 0 and callable(getattr(progress, "task", None)) else None
     share = "caching" if world == 1 else f"caching (this process's share, {rank + 1} of {world})"
     _encode(cache, jobs[rank::world], _counter(progress, note, share))
     if world > 1:
@@ -67,13 +68,6 @@ def fill_disk(cache, samples, note) -> None:
         store.refresh()
         left = [(kind, e, [(k, p) for k, p in items if k not in store]) for kind, e, items in jobs]
         _encode(cache, left, _counter(progress, note, "caching (what the other processes' shards did not bring)"))
-
-
-def _display(note, rank: int):
-    """The run's progress display, on the main process, when it can show a task: ``note`` is
-    the loop's (a bound method of the Trainer, whose ``progress`` it is)."""
-    progress = getattr(note, "progress", None) or getattr(getattr(note, "__self__", None), "progress", None)
-    return progress if rank == 0 and callable(getattr(progress, "task", None)) else None
 
 
 def _counter(progress, note, label: str):

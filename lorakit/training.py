@@ -114,7 +114,7 @@ class Trainer:
         if resume_from is not None:
             resume_from = checkpoints.resume_run(self.state, config, self.output_dir, resume_from)
             self._say(f"resumed from {resume_from} at step {self.global_step}")
-        self.cache.fill(self._say)
+        self.cache.fill(self._say, self.progress if self.accelerator.is_main_process else None)
         if self.accelerator.is_main_process:
             outputs.write_run_config(self.output_dir, config)
 

@@ -72,7 +72,7 @@ def child(spec: dict) -> None:
     fill_time = {}
     real_fill = cache_module.EncodingCache.fill
 
-    def timed_fill(self, note=print):
+    def timed_fill(self, note=print, progress=None):
         t, cpu = time.perf_counter(), time.process_time()
         real_fill(self, note=lambda *_: None)
         fill_time["cpu"] = time.process_time() - cpu  # this process's own work (a proxy for a free core each)
