@@ -16,7 +16,9 @@ Which modules become shards is data the model declares, not arch names: diffuser
 ``_repeated_blocks`` comes first because wrapping a UNet's ``ResnetBlock2D`` (listed in its
 ``_no_split_modules``) changes the order autograd sums the gradients of its skip connections
 (8 of 64 LoRA gradients of a tiny UNet then differ by ~5e-7 relative); the transformer
-blocks alone give gradients equal to the unsharded ones.
+blocks alone give gradients equal to the unsharded ones. (Not so the gradient of an input every
+block reads, the text encoder's output: each block's hooks add a node, and its terms are summed
+in another order, ~1e-12 apart; a run with text-encoder LoRA is equal up to that rounding.)
 """
 
 from __future__ import annotations
