@@ -154,6 +154,11 @@ def shard(module, classes, device, world: int, reshard_after_forward: bool = Tru
     for block in reversed(blocks):  # inner blocks before the ones holding them
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=trained)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=trained)
+    where = {(p.to_local() if hasattr(p, "to_local") else p).device.type for p in module.parameters()}
+    where |= {b.device.type for b in module.buffers()}
+    if where != {mesh.device_type}:  # a part left behind would run on the wrong device mid-forward
+        raise LorakitError(f"sharding left parts of {type(module).__name__} on {', '.join(sorted(where))}, not only "
+                           f"{mesh.device_type}; report this with the model you train.")
     return len(blocks)
 
 
