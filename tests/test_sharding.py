@@ -52,7 +52,8 @@ def same_weights(a, b) -> None:
 
 def test_sharded_run_trains_the_unsharded_lora_resumes_exactly_and_reloads(tmp_path, lorakit_tiny_model):
     """Unsharded 4 steps == sharded 2 steps (--shard-frozen) + a resume to 4 sharded through
-    the docs' accelerate FSDP config: bit for bit. The sharded steps make exactly one
+    the docs' accelerate FSDP config == the same 2 steps resumed unsharded: bit for bit, and
+    the file reloads in diffusers as the unsharded one does. The sharded steps make exactly one
     all_reduce (the LoRA gradients and the loss, as unsharded) plus FSDP's all-gathers."""
     model = lorakit_tiny_model("sd15")
     plain = launch(model, tmp_path / "plain", "--max-steps", "4")
@@ -61,9 +62,13 @@ def test_sharded_run_trains_the_unsharded_lora_resumes_exactly_and_reloads(tmp_p
                    probe=tmp_path / "probe")
     said = "sharded the frozen unet over 2 processes (4 blocks of BasicTransformerBlock): 1.5 of 3.0 MiB on each"
     assert (first.stdout + first.stderr).count(said) == 1
+    checkpoint = tmp_path / "sharded" / "checkpoint-2"
+    unsharded = launch(model, tmp_path / "unsharded", "--max-steps", "4", "--resume", str(checkpoint))
     resumed = launch(model, tmp_path / "sharded", "--max-steps", "4", "--resume", "latest", config_file=FSDP_CONFIG)
     assert said in resumed.stdout + resumed.stderr  # the accelerate config shards too
+    assert "sharded the frozen" not in unsharded.stdout + unsharded.stderr
     same_weights(tmp_path / "sharded", tmp_path / "plain")
+    same_weights(tmp_path / "unsharded", tmp_path / "plain")  # a sharded run's checkpoint resumes unsharded
 
     for rank in (0, 1):
         steps = json.loads((tmp_path / f"probe.{rank}.json").read_text())
