@@ -104,8 +104,10 @@ def load_device(config, device):
         return device
     from accelerate.state import PartialState
 
+    import torch
+
     check(plan, config, PartialState().num_processes)
-    return "cpu"
+    return torch.device("cpu")  # a device, as the load hook always gets (a plugin may read .type)
 
 
 def place(components: dict, denoiser: str, device) -> None:
