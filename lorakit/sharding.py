@@ -80,6 +80,9 @@ def accelerate_plan(env=None) -> Plan | None:
 def requested(config, env=None) -> Plan | None:
     """The run's sharding plan, or None when the base is not sharded."""
     plan = accelerate_plan(env)
+    if plan is not None and config.given("shard_frozen") and not config.shard_frozen:
+        raise LorakitError(f"--no-shard-frozen conflicts with {ACCELERATE}, which shards the frozen model; "
+                           "drop one of them (launch with --multi_gpu to shard nothing).")
     if plan is None and getattr(config, "shard_frozen", False):
         plan = Plan("--shard-frozen")
     return plan

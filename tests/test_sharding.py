@@ -169,3 +169,14 @@ def test_blocks_are_what_diffusers_declares(lorakit_tiny_model):
         block_classes(unet, ("FluxTransformerBlock",))
     with pytest.raises(LorakitError, match="^Linear declares no blocks to shard"):
         block_classes(torch.nn.Linear(2, 2))
+
+
+def test_no_shard_frozen_conflicts_with_accelerates_fsdp_setup():
+    from lorakit.config import TrainConfig
+    from lorakit.sharding import requested
+
+    assert requested(TrainConfig(arch="sd15", shard_frozen=True), {}).source == "--shard-frozen"
+    assert requested(TrainConfig(arch="sd15"), {}) is None
+    assert requested(TrainConfig(arch="sd15", shard_frozen=True), FSDP).source.startswith("accelerate's FSDP setup")
+    with pytest.raises(LorakitError, match="^--no-shard-frozen conflicts with accelerate's FSDP setup .*; drop one"):
+        requested(TrainConfig(arch="sd15", shard_frozen=False), FSDP)
