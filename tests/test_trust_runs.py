@@ -368,4 +368,6 @@ def test_real_kills_resume_to_the_same_weights(tmp_path):
     print(kt.report(rows))
     assert [r["phase"] for r in rows] == [p for _, p in plan]
     assert [r["rc"] for r in rows] == [-9, 143, 130], rows
+    # the SIGTERM run says it saved the step it stopped after: mid-run, past checkpoint-3, before the end
+    assert kt.EVERY < rows[1]["stopped_at"] < kt.STEPS and rows[2]["stopped_at"] <= kt.EVERY, rows
     assert all(r["clean_exit"] and r["resumed"] and r["matched"] for r in rows), rows

@@ -15,6 +15,12 @@ recorded by what was observed when the signal went out:
 - ``after-last-step``: the last step done, the final files being written;
 - ``after-the-run-returned``: the signal came after the run had published its files and
   handed the signal handlers back (the exiting process ends as the signal's default says).
+
+The process is frozen (SIGSTOP) at the chosen moment, its phase read, the signal sent, and only
+then let go on (SIGCONT): the signal lands where the phase was read. (Unfrozen, a tiny run's
+last steps take ~30 ms each: a signal meant for "mid-run" at step 10 of 12 that the harness sent
+~0.1 s late, as on a loaded CI machine, landed while the final files were written: the run
+completed, exit 0, and the trial was taken for a mid-run stop that had not stopped.)
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ PHASES = ("setup", "before-first-checkpoint", "checkpoint-write", "mid-run", "af
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 WEIGHTS = "pytorch_lora_weights.safetensors"
 PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b")  # a progress line: "[epoch e/E ]step n/N loss=..."
+STOP_NOTE = re.compile(r"stopped by SIG\w+ at step (\d+); saved checkpoint-\1\b")
 
 
 def env() -> dict:
@@ -51,10 +58,11 @@ def command(model: Path, data: Path, out: Path, *extra) -> list[str]:
 
 
 class Watched:
-    """A training process whose progress lines are read as they come."""
+    """A training process whose progress lines are read as they come; ``pause_at``: frozen
+    (:meth:`pause`) by the reader as soon as the progress line of that step arrives."""
 
-    def __init__(self, cmd: list[str], out: Path):
-        self.out = out
+    def __init__(self, cmd: list[str], out: Path, pause_at: int | None = None):
+        self.out, self.pause_at, self.paused = out, pause_at, threading.Event()
         # a shell's background job (nohup ... &) ignores SIGINT, and so would its children
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -67,6 +75,19 @@ class Watched:
             match = PROGRESS.search(line)
             if match and "loss=" in line:
                 self.steps = int(match.group(1))
+                if self.pause_at is not None and self.steps >= self.pause_at and not self.paused.is_set():
+                    self.pause()
+        self.paused.set()  # (the process has ended)
+
+    def pause(self) -> None:
+        """Freeze the process where it is (SIGSTOP): what it does next waits for :meth:`go_on`."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused.set()
+
+    def go_on(self) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def writing_checkpoint(self) -> bool:
         try:
@@ -99,24 +120,27 @@ def _wait_until(watched: Watched, condition, timeout: float = 120.0, poll: float
 
 
 def kill_once(cmd: list[str], out: Path, sig: int, target: str, rng: random.Random) -> tuple[str, int | None, str]:
-    """Start ``cmd``, send ``sig`` at a moment of phase ``target``; return (observed phase, exit status)."""
-    w = Watched(cmd, out)
+    """Start ``cmd``, send ``sig`` at a moment of phase ``target``; return (observed phase, exit
+    status, stderr). The process is frozen while its phase is read and the signal sent."""
+    at = {"before-first-checkpoint": lambda: rng.randint(1, EVERY - 1),
+          # a few steps before the end: the stop must land mid-run, not among the final files
+          "mid-run": lambda: rng.randint(EVERY + 1, STEPS - 3)}.get(target, lambda: None)()
+    w = Watched(cmd, out, pause_at=at)
     if target == "setup":
         _wait_until(w, lambda: time.monotonic() - w.started > rng.uniform(0.5, 8.0) or w.steps > 0)
-    elif target == "before-first-checkpoint":
-        at = rng.randint(1, EVERY - 1)
-        _wait_until(w, lambda: w.steps >= at)
+    elif at is not None:
+        _wait_until(w, w.paused.is_set)
     elif target == "checkpoint-write":
         _wait_until(w, w.writing_checkpoint)
-    elif target == "mid-run":
-        at = rng.randint(EVERY + 1, STEPS - 1)
-        _wait_until(w, lambda: w.steps >= at)
     else:
         _wait_until(w, lambda: w.steps >= STEPS)
         time.sleep(rng.uniform(0.0, 0.15))
+    w.pause()
+    time.sleep(0.2)  # the frozen process writes nothing more: the reader takes in what it wrote
     phase = w.phase() if w.alive() else "after-exit"
     if w.alive():
         w.proc.send_signal(sig)
+    w.go_on()
     try:
         rc = w.proc.wait(timeout=300)
     except subprocess.TimeoutExpired:
@@ -168,7 +192,9 @@ def trial(root: Path, model: Path, data: Path, reference: Path, index: int, sig_
     matched = resumed and same_weights(out / WEIGHTS, reference)
     if completed and phase == "after-last-step" and rc != expected_rc:
         phase = "after-the-run-returned"
+    stopped = STOP_NOTE.search(stderr)  # the step the run itself says it stopped after
     return {"signal": sig_name, "target": target, "phase": phase, "rc": rc, "clean_exit": clean and one_line,
+            "stopped_at": int(stopped.group(1)) if stopped else None,
             "resumed": resumed, "matched": matched, "resume_stderr": done.stderr[-1500:] if not resumed else "",
             "kill_stderr": stderr[-1500:] if not (clean and one_line and matched) else ""}
 
