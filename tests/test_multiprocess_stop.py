@@ -69,18 +69,18 @@ def straight(model, tmp_path_factory):
     return load_file(str(root / "out" / WEIGHTS))
 
 
-def stop_mid_run(model, root: Path, send) -> dict:
-    """Start the two-process run; once the main process shows step 2 done, ``send(pids, launcher)``;
-    return what each process and the launcher ended with (a hang fails the test)."""
+def stop_mid_run(model, root: Path, send, when: str = rf"\bstep 2/{STEPS}\b", *extra) -> dict:
+    """Start the two-process run; once its output shows ``when`` (by default: step 2 done),
+    ``send(pids, launcher)``; return what each process ended with (a hang fails the test)."""
     out, probe = root / "out", root / "probe"
-    proc = subprocess.Popen(command(model, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(probe, sleep=0.5), start_new_session=True)  # its own process group
+    proc = subprocess.Popen(command(model, out, 2, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(probe, sleep=0.5), start_new_session=True)  # its own process group
     lines, sent = [], threading.Event()
 
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if not sent.is_set() and re.search(rf"\bstep 2/{STEPS}\b", line):
+            if not sent.is_set() and re.search(when, line):
                 send([int(Path(f"{probe}.{rank}.pid").read_text()) for rank in (0, 1)], proc.pid)
                 sent.set()
 
@@ -150,3 +150,49 @@ def test_ctrl_c_to_the_process_group_saves_the_step_and_resumes_on_one_process(t
     print(f"stopped at {m} on 2, resumed on 1: relative L2 {whole:.3g} (whole adapter), {lora_b:.3g} (lora_B)")
     # the tolerances of tests/test_invariance.py across process counts (summation order only)
     assert whole <= 1e-6 and lora_b <= 1e-3, (whole, lora_b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_during_caching_ends_the_run_without_a_hang(tmp_path, model):
+    """Nothing to save yet: the signalled process ends at once with 143, the launcher ends the
+    other, nobody waits forever; the same command with --resume latest then trains from step 0."""
+    cache = tmp_path / "cache"  # empty: the run encodes its inputs first
+    result = stop_mid_run(model, tmp_path, lambda pids, launcher: os.kill(pids[1], signal.SIGTERM),
+                          r"^encoding cache ", "--cache-dir", str(cache))
+    assert result["exits"][1] == "143", (result["exits"], result["text"][-3000:])
+    assert "stopped by SIGTERM" in result["text"] and not list(result["out"].glob("checkpoint-*"))
+    assert json.loads(result["steps"][1]) == []  # the signalled process took no step
+    # (the other one ends by the launcher's SIGTERM, after gloo reported the lost peer in the
+    # collective it waited in: status -15, not 143; what matters is that nobody hangs)
+    run(model, result["out"], tmp_path / "probe2", 2, "--resume", "latest", "--cache-dir", str(cache))
+    assert (result["out"] / WEIGHTS).is_file()
+
+
+def test_a_stop_request_rides_in_the_step_reduction():
+    """The flags after the loss: any process's request reaches every process, SIGTERM before
+    SIGINT; the gradients and the loss come out as without them."""
+    from lorakit.parallel import reduce_step
+
+    class TwoProcesses:  # the other process holds twice this one's gradients and loss, and asks `other`
+        num_processes, calls = 2, 0
+
+        def __init__(self, other):
+            self.other = other
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "mean"
+            self.calls += 1
+            theirs = 2 * tensor
+            theirs[-2:] = torch.tensor([float(self.other == signal.SIGINT), float(self.other == signal.SIGTERM)])
+            return (tensor + theirs) / 2
+
+    for mine, theirs, agreed in [(0, 0, 0), (signal.SIGTERM, 0, signal.SIGTERM), (0, signal.SIGINT, signal.SIGINT),
+                                 (signal.SIGINT, signal.SIGTERM, signal.SIGTERM)]:
+        params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+        grads = [torch.randn(3, 4), torch.randn(5)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        accelerator = TwoProcesses(theirs)
+        loss, stop = reduce_step(accelerator, params, 0.5, "cpu", int(mine))
+        assert accelerator.calls == 1 and stop == agreed and loss == pytest.approx(0.75)
+        assert all(torch.allclose(p.grad, 1.5 * g) for p, g in zip(params, grads))
