@@ -96,7 +96,8 @@ def stop_mid_run(model, root: Path, send, when: str = rf"\bstep 2/{STEPS}\b", *e
     assert sent.is_set(), text[-3000:]
     exits = [Path(f"{probe}.{rank}.exit").read_text() if Path(f"{probe}.{rank}.exit").exists() else None
              for rank in (0, 1)]
-    steps = [Path(f"{probe}.{rank}.json").read_text() for rank in (0, 1)]
+    steps = [Path(f"{probe}.{rank}.json").read_text() if Path(f"{probe}.{rank}.json").exists() else None
+             for rank in (0, 1)]
     return {"out": out, "text": text, "exits": exits, "steps": steps, "notes": NOTE.findall(text)}
 
 
@@ -166,6 +167,16 @@ def test_sigterm_to_one_process_during_caching_ends_the_run_without_a_hang(tmp_p
     # collective it waited in: status -15, not 143; what matters is that nobody hangs)
     run(model, result["out"], tmp_path / "probe2", 2, "--resume", "latest", "--cache-dir", str(cache))
     assert (result["out"] / WEIGHTS).is_file()
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_run_leaves_no_other_waiting(tmp_path, model):
+    """SIGKILL (nothing can be saved): the other process, waiting in the step's collective,
+    is not left there; the launcher ends the run."""
+    started = time.monotonic()
+    result = stop_mid_run(model, tmp_path, lambda pids, launcher: os.kill(pids[1], signal.SIGKILL))
+    assert result["exits"][1] is None  # killed: it wrote no exit status
+    assert time.monotonic() - started < 120 and not (result["out"] / WEIGHTS).exists()
 
 
 def test_a_stop_request_rides_in_the_step_reduction():
