@@ -161,8 +161,9 @@ def save_on_stop(trainer, stop) -> None:
 
 
 def save_together(trainer) -> Path | None:
-    """Every process stops after the same finished step and holds the same LoRA weights and
-    optimizer state (checked); the main process saves the checkpoint while the others wait,
+    """Every process stops after the same finished step and holds the same LoRA weights
+    (checked here) and optimizer state (the same update of the same reduced gradients); the
+    main process saves the checkpoint while the others wait,
     then every process learns whether it was saved (one collective each, at the stop only).
     Returns the checkpoint, or None where the main process could not save it (it raises)."""
     import torch
