@@ -190,7 +190,7 @@ def trial(root: Path, model: Path, data: Path, reference: Path, index: int, sig_
     done = finish(cmd)
     resumed = done.returncode == 0
     matched = resumed and same_weights(out / WEIGHTS, reference)
-    if completed and phase == "after-last-step" and rc != expected_rc:
+    if completed and phase == "after-last-step" and rc == -SIGNALS[sig_name]:  # (exit 0: deferred, run complete)
         phase = "after-the-run-returned"
     stopped = STOP_NOTE.search(stderr)  # the step the run itself says it stopped after
     return {"signal": sig_name, "target": target, "phase": phase, "rc": rc, "clean_exit": clean and one_line,
