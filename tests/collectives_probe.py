@@ -5,7 +5,7 @@ Writes ``$LORAKIT_PROBE_OUT.<rank>.json``: one list of collective names per step
 ``.<rank>.pid``: the process id, at start (a test signals one process of the run by it);
 ``.<rank>.exit``: the exit status the process ends with (nothing when a signal killed it).
 ``$LORAKIT_PROBE_STEP_SLEEP`` seconds of sleep before each step make a tiny run slow enough to
-be stopped mid-run at a known step.
+be stopped mid-run at a known step; ``$LORAKIT_PROBE_FINAL_SLEEP`` before the final files.
 """
 
 import json
@@ -15,7 +15,7 @@ import time
 
 import torch.distributed as dist
 
-from lorakit import step
+from lorakit import step, training
 from lorakit.cli import main
 
 COLLECTIVES = (
@@ -54,6 +54,15 @@ def _counted_step(self, stream):
 
 
 step.Stepper.step = _counted_step
+_save_final = training.Trainer.save_final
+
+
+def _slow_save_final(self):
+    time.sleep(float(os.environ.get("LORAKIT_PROBE_FINAL_SLEEP", "0")))
+    return _save_final(self)
+
+
+training.Trainer.save_final = _slow_save_final
 
 if __name__ == "__main__":
     sys.argv = ["lorakit", *sys.argv[1:]]

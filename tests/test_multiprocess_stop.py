@@ -42,9 +42,10 @@ def command(model, out, processes: int = 2, *extra) -> list[str]:
             "--batch-size", str(2 // processes), *SETTINGS, *extra]
 
 
-def env(probe: Path, sleep: float = 0.0) -> dict:
+def env(probe: Path, sleep: float = 0.0, final_sleep: float = 0.0) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1",
-            "LORAKIT_PROBE_OUT": str(probe), "LORAKIT_PROBE_STEP_SLEEP": str(sleep)}
+            "LORAKIT_PROBE_OUT": str(probe), "LORAKIT_PROBE_STEP_SLEEP": str(sleep),
+            "LORAKIT_PROBE_FINAL_SLEEP": str(final_sleep)}
 
 
 def run(model, out, probe, processes: int = 2, *extra) -> subprocess.CompletedProcess:
@@ -69,12 +70,12 @@ def straight(model, tmp_path_factory):
     return load_file(str(root / "out" / WEIGHTS))
 
 
-def stop_mid_run(model, root: Path, send, when: str = rf"\bstep 2/{STEPS}\b", *extra) -> dict:
+def stop_mid_run(model, root: Path, send, when: str = rf"\bstep 2/{STEPS}\b", *extra, final_sleep=0.0) -> dict:
     """Start the two-process run; once its output shows ``when`` (by default: step 2 done),
     ``send(pids, launcher)``; return what each process ended with (a hang fails the test)."""
     out, probe = root / "out", root / "probe"
     proc = subprocess.Popen(command(model, out, 2, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(probe, sleep=0.5), start_new_session=True)  # its own process group
+                            text=True, env=env(probe, 0.5, final_sleep), start_new_session=True)  # its own process group
     lines, sent = [], threading.Event()
 
     def read():
@@ -177,6 +178,18 @@ def test_a_process_killed_mid_run_leaves_no_other_waiting(tmp_path, model):
     result = stop_mid_run(model, tmp_path, lambda pids, launcher: os.kill(pids[1], signal.SIGKILL))
     assert result["exits"][1] is None  # killed: it wrote no exit status
     assert time.monotonic() - started < 120 and not (result["out"] / WEIGHTS).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_while_the_final_files_are_written_lets_the_run_complete(tmp_path, model, straight):
+    """After the last step there is no step left to stop after: the request waits, the run
+    completes on both processes (exit 0) with the uninterrupted run's weights."""
+    result = stop_mid_run(model, tmp_path, lambda pids, launcher: os.kill(pids[1], signal.SIGTERM),
+                          rf"\bstep {STEPS}/{STEPS}\b", final_sleep=1.0)
+    assert result["exits"] == ["0", "0"], (result["exits"], result["text"][-3000:])
+    assert "SIGTERM arrived while writing the final files; the run is complete" in result["text"]
+    again = load_file(str(result["out"] / WEIGHTS))
+    assert again.keys() == straight.keys() and all(torch.equal(again[k], straight[k]) for k in straight)
 
 
 def test_a_stop_request_rides_in_the_step_reduction():
