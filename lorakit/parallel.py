@@ -1,11 +1,12 @@
-"""Processes training together: lorakit trains data-parallel, every process holding the whole
-frozen model and its slice of every global batch (:mod:`lorakit.batches`); one collective call
-per step averages every LoRA gradient and the loss, and carries the processes' stop requests
-(:func:`reduce_step`), so a stop on one process stops all of them after the same step.
+"""Processes training together: lorakit trains data-parallel, every process holding the frozen
+model (whole, or 1/N of its denoiser with ``--shard-frozen`` / accelerate's FSDP setup:
+:mod:`lorakit.sharding`) and its slice of every global batch (:mod:`lorakit.batches`); one
+collective call per step averages every LoRA gradient and the loss, and carries the processes'
+stop requests (:func:`reduce_step`), so a stop on one process stops all of them after the same step.
 
 Because every draw is per sample (:mod:`lorakit.rng`), N processes with ``--batch-size B/N``
-compute the global batch one process with ``--batch-size B`` computes; accelerate's sharded
-setups (FSDP, DeepSpeed, Megatron-LM) are refused rather than ignored.
+compute the global batch one process with ``--batch-size B`` computes; DeepSpeed and
+Megatron-LM setups are refused rather than ignored.
 """
 
 from __future__ import annotations
