@@ -81,8 +81,11 @@ def _run(fn):
     except KeyboardInterrupt as exc:
         from lorakit.progress import resume_hint
 
+        code = getattr(exc, "exit_code", 130)
+        if getattr(exc, "agreed", False) and os.environ.get("RANK", "0") not in ("", "0"):
+            raise typer.Exit(code)  # every process stopped after the same step: the main one says so, once
         note = getattr(exc, "lorakit_note", None) or getattr(exc, "summary", "interrupted")
-        _fail(f"{note}; {resume_hint()}.", code=getattr(exc, "exit_code", 130))
+        _fail(f"{note}; {resume_hint()}.", code=code)
 
 
 #: Flags of diffusers' and kohya's training scripts that lorakit spells differently.

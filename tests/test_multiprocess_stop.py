@@ -107,7 +107,7 @@ def check_stopped(result: dict, name: str, status: int) -> int:
     text = result["text"]
     assert result["exits"] == [str(status)] * 2, (result["exits"], text[-3000:])
     notes = result["notes"]
-    assert len(notes) == 2 and len(set(notes)) == 1, text[-3000:]  # each process: the same step, the same save
+    assert len(notes) == 1, text[-3000:]  # the main process says it once (the others stopped after the same step)
     sig, step, saved = notes[0]
     m = int(step)
     assert sig == name and saved == step and 2 <= m < STEPS, text[-3000:]
