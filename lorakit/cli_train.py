@@ -39,9 +39,15 @@ def train(**values):
         try:
             return run_training(config, progress=make_progress())
         finally:
-            _end_process_group()
+            if _end_process_group():
+                _skip_teardown_at_exit()
 
-    result = _run(go)
+    try:
+        result = _run(go)
+    except typer.Exit as exc:
+        _EXIT_CODE[0] = exc.exit_code
+        raise
+    _EXIT_CODE[0] = 0
     if isinstance(result, str):  # --print-config
         typer.echo(result, nl=False)
         return
@@ -56,13 +62,43 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def _end_process_group() -> None:
+def _end_process_group() -> bool:
     """Under ``accelerate launch`` each process leaves the process group before it exits: a
     process that exits holding it can be aborted by the backend's threads ("terminate called
-    without an active exception", SIGABRT) and the launcher then fails the whole run."""
+    without an active exception", SIGABRT) and the launcher then fails the whole run.
+    Returns whether there was a group (the run was launched)."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group to leave
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+#: the exit status of a launched process, for :func:`_skip_teardown_at_exit` (1 until known)
+_EXIT_CODE = [1]
+
+
+def _skip_teardown_at_exit() -> None:
+    """A launched process's work is done (files written, the group left): at interpreter exit,
+    flush and leave with its status at once, before module teardown and C++ static destructors.
+    Leaving the group is not always enough: now and then a launched run still aborted in that
+    teardown (SIGABRT, "terminate called without an active exception", twice in this project's
+    CI runs) after training and saving had succeeded, and the launcher failed the run. Registered last, this runs
+    first among the exit handlers; lorakit's trackers and uploads have finished before."""
+    import atexit
+    import logging
+    import os
+
+    def leave():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed stream: nothing left to flush
+                pass
+        os._exit(_EXIT_CODE[0])
+
+    atexit.register(leave)
 
 
 def _mode_param(mode: str) -> str:
