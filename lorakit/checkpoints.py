@@ -150,7 +150,7 @@ def save_on_stop(trainer, stop) -> None:
     agreed = bool(getattr(stop, "agreed", False))
     if agreed and t.accelerator.num_processes > 1:
         saved = save_together(t) if step else None
-    elif step and not saved.is_dir() and t.stepper.rewind_to_finished_step(agreed) and t.accelerator.is_main_process:
+    elif step and not saved.is_dir() and t.stepper.rewind_to_finished_step() and t.accelerator.is_main_process:
         saved = save_checkpoint(t.state, t.output_dir, t._write_lora, t.config.checkpoints_limit)
     elif not saved.is_dir():
         saved = None

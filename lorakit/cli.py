@@ -71,6 +71,11 @@ def _setup_logging():
     logger.propagate = False
 
 
+def _main_process() -> bool:
+    """Whether this is the launch's first process (the launchers set RANK; a plain run has none)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _run(fn):
     """Call ``fn``; a user's mistake becomes one line and exit 1; Ctrl-C (SIGINT) exit 130 and
     SIGTERM exit 143, each with the command that resumes the run."""
@@ -82,7 +87,7 @@ def _run(fn):
         from lorakit.progress import resume_hint
 
         code = getattr(exc, "exit_code", 130)
-        if getattr(exc, "agreed", False) and os.environ.get("RANK", "0") not in ("", "0"):
+        if getattr(exc, "agreed", False) and not _main_process():
             raise typer.Exit(code)  # every process stopped after the same step: the main one says so, once
         note = getattr(exc, "lorakit_note", None) or getattr(exc, "summary", "interrupted")
         _fail(f"{note}; {resume_hint()}.", code=code)

@@ -13,7 +13,7 @@ import typer
 
 def train(**values):
     """Train a LoRA."""
-    from lorakit.cli import _quiet_libraries, _run, _setup_logging
+    from lorakit.cli import _main_process, _quiet_libraries, _run, _setup_logging
 
     _quiet_libraries()
     _setup_logging()
@@ -53,13 +53,6 @@ def train(**values):
         return
     if _main_process():  # under accelerate launch every process returns here: one line, not one each
         typer.echo(f"saved {result.weights} ({result.global_step} steps)")
-
-
-def _main_process() -> bool:
-    """Whether this is the launch's first process (the launchers set RANK; a plain run has none)."""
-    import os
-
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _end_process_group() -> bool:

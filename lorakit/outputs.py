@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorakit import fsutil
 from lorakit.errors import LorakitError
-from lorakit.state import CHECKPOINT_RE, STATE_FILE, fingerprint, list_checkpoints, step_of
+from lorakit.state import CHECKPOINT_RE, STATE_FILE, fingerprint, global_batch_fix, list_checkpoints, step_of
 
 log = logging.getLogger("lorakit")
 
@@ -209,12 +209,12 @@ def _check_global_batch(output_dir: Path, saved: dict, per: int, n: int) -> None
     processes) not, since the data order and every draw depend on the global batch only."""
     was_per, was_n = saved["batch_size"], saved["num_processes"]
     was = was_per * was_n
-    if was == per * n:
+    fix = global_batch_fix(was_per, was_n, per, n)
+    if fix is None:
         if was_n != n:
             _main_log("--resume latest: %s was started by %d process(es), this run has %d: the same global batch "
                       "of %d, the same training", output_dir, was_n, n, was)
         return
-    fix = f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
     raise LorakitError(
         f"--resume latest: {output_dir} holds a run with a global batch of {was} (--batch-size {was_per} x {was_n} "
         f"process(es)) and no checkpoint yet, this run's is {per * n} (--batch-size {per} x {n}); {fix}, "

@@ -39,12 +39,6 @@ def unflatten_grads(buffer, params) -> None:
 STOP_SIGNALS = (2, 15)  # SIGINT, SIGTERM (numbers: this module imports no signal handling)
 
 
-def reduce_across_processes(accelerator, params, step_loss: float, device) -> float:
-    """Average the gradients and the step loss over the processes in ONE collective call
-    (:func:`reduce_step` without a stop request)."""
-    return reduce_step(accelerator, params, step_loss, device)[0]
-
-
 def reduce_step(accelerator, params, step_loss: float, device, stop: int = 0) -> tuple[float, int]:
     """``(step loss, agreed stop)``: the gradients and the step loss averaged over the
     processes, and whether ANY process was asked to stop (``stop``: this process's signal

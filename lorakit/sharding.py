@@ -5,7 +5,7 @@ file with ``distributed_type: FSDP``) the denoiser's blocks are wrapped with tor
 ``fully_shard`` and the LoRA parameters are left out of it (``ignored_params``). Each process
 then stores 1/N of the frozen base; a block's full weights are all-gathered for its forward
 and again for its backward, and freed after. The LoRA parameters stay ordinary replicated
-tensors: their gradients are still averaged by :func:`lorakit.parallel.reduce_across_processes`
+tensors: their gradients are still averaged by :func:`lorakit.parallel.reduce_step`
 in one collective per step, so the optimizer, the NaN guards, checkpoints, resume and saving
 are the unsharded run's. The all-gathered weights are the loaded ones, bit for bit, so a
 sharded run trains the same LoRA as an unsharded one on the same process count.

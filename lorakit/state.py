@@ -80,6 +80,16 @@ def check_processes_agree(accelerator, params) -> None:
         raise RuntimeError(f"LoRA weights differ between processes: {sums.tolist()}")
 
 
+def global_batch_fix(saved_per: int, saved_world: int, per: int, n: int) -> str | None:
+    """The rule of a resume on another process count: the global batch (``--batch-size`` x
+    processes) stays, since the data order and every draw depend on the global batch only.
+    None when ``per`` x ``n`` keeps it, else the fix to name."""
+    was = saved_per * saved_world
+    if was == per * n:
+        return None
+    return f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
+
+
 @dataclass
 class TrainState:
     """The objects a run's progress lives in; nothing else is saved or restored."""
@@ -196,17 +206,16 @@ class TrainState:
         return state
 
     def _check_global_batch(self, path: Path, saved: dict, saved_world: int) -> None:
-        """A resume may change the process count, not the global batch (``--batch-size`` x
-        processes): the data order and every draw depend on the global batch only."""
+        """A resume may change the process count, not the global batch (:func:`global_batch_fix`)."""
         if "batch_size" not in saved:
             return
         was, per, n = saved["batch_size"] * saved_world, self.config.batch_size, self.num_processes
-        if was == per * n:
+        fix = global_batch_fix(saved["batch_size"], saved_world, per, n)
+        if fix is None:
             if saved_world != n and self.process_index == 0:
                 log.info("%s was written by %d process(es), this run has %d: the same global batch of %d, "
                          "the same training", path.name, saved_world, n, was)
             return
-        fix = f"use --batch-size {was // n}" if was % n == 0 else f"use a process count that divides {was}"
         raise LorakitError(
             f"--resume {path} was trained with a global batch of {was} (--batch-size {saved['batch_size']} x "
             f"{saved_world} process(es)), this run's is {per * n} (--batch-size {per} x {n}); {fix}."

@@ -22,7 +22,7 @@ import warnings
 
 from lorakit import rng
 from lorakit.errors import LorakitError, PluginError
-from lorakit.parallel import reduce_across_processes, reduce_step  # noqa: F401  (the first: imported from here)
+from lorakit.parallel import reduce_step
 
 log = logging.getLogger("lorakit")
 
@@ -210,15 +210,16 @@ class Stepper:
         self.state.generator.manual_seed(rng.derive_seed("process", config.seed, step, micro, rank))
         return rows, rng.derive_seed("global", config.seed, step, micro, rank)
 
-    def rewind_to_finished_step(self, agreed: bool = False) -> bool:
+    def rewind_to_finished_step(self) -> bool:
         """After a Ctrl-C: whether a checkpoint of the last finished step can be saved now; False
         when that cannot give an exact one (inside an update, or several processes that did not
-        agree on the step to stop after: ``agreed``, see :func:`lorakit.parallel.reduce_step`).
-        Nothing random needs rewinding: every draw is derived from the step (:meth:`draws`)."""
+        agree on the step to stop after: those that did save together,
+        :func:`lorakit.checkpoints.save_together`). Nothing random needs rewinding: every draw is
+        derived from the step (:meth:`draws`)."""
         if self.updating:
             log.warning("interrupted during a weight update; the newest regular checkpoint stays the latest")
             return False
-        if self.accelerator.num_processes > 1 and not agreed:
+        if self.accelerator.num_processes > 1:
             # the other processes may be stopped inside the next step's collective: left to regular checkpoints
             log.warning("interrupted; with several processes the newest regular checkpoint stays the latest")
             return False

@@ -18,16 +18,20 @@ from lorakit.testing import example_data, tiny_config
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
 
 
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
+def _trained_style(tmp_path_factory, arch: str, folder: str, output: str):
+    """``(tiny model, its trained LoRA file, the folder)``: 2 steps with text-encoder LoRA."""
     from lorakit.tiny import make_tiny_model
 
-    root = tmp_path_factory.mktemp("gen-formats")
-    model = make_tiny_model("sd15", root / "model")
-    config = tiny_config("sd15", model, example_data(), root / "style", alpha=8, train_text_encoder=True,
+    root = tmp_path_factory.mktemp(folder)
+    model = make_tiny_model(arch, root / "model")
+    config = tiny_config(arch, model, example_data(), root / output, alpha=8, train_text_encoder=True,
                          target_modules=TARGETS, max_steps=2, learning_rate=5e-2)
-    weights = lorakit.train(config).weights
-    return model, weights, root
+    return model, lorakit.train(config).weights, root
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return _trained_style(tmp_path_factory, "sd15", "gen-formats", "style")
 
 
 def images(model, *specs):
@@ -96,13 +100,7 @@ def test_a_kohya_file_of_another_model_size_names_the_layer(sd15, tmp_path):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from lorakit.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("gen-formats-xl")
-    model = make_tiny_model("sdxl", root / "model")
-    config = tiny_config("sdxl", model, example_data(), root / "xl-style", alpha=8, train_text_encoder=True,
-                         target_modules=TARGETS, max_steps=2, learning_rate=5e-2)
-    return model, lorakit.train(config).weights, root
+    return _trained_style(tmp_path_factory, "sdxl", "gen-formats-xl", "xl-style")
 
 
 def test_sdxl_kohya_file_train_wrote_has_kohyas_names_and_generates_the_same_image(sdxl):

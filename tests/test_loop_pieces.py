@@ -210,7 +210,7 @@ def test_encode_prompt_not_batch_first_names_the_hook(model, tmp_path):
 
 
 def test_one_collective_call_per_step():
-    from lorakit.step import reduce_across_processes
+    from lorakit.parallel import reduce_step
 
     class TwoProcesses:  # the other process holds twice this one's gradients and loss
         num_processes, calls = 2, 0
@@ -225,7 +225,7 @@ def test_one_collective_call_per_step():
     for p, g in zip(params, grads):
         p.grad = g.clone()
     accelerator = TwoProcesses()
-    loss = reduce_across_processes(accelerator, params, 0.5, "cpu")
+    loss, _ = reduce_step(accelerator, params, 0.5, "cpu")
     assert accelerator.calls == 1
     assert loss == pytest.approx(0.75)
     for p, g in zip(params, grads):
